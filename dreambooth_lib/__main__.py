@@ -1,0 +1,3 @@
+from dreambooth_lib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,364 @@
+"""Stable Diffusion components: full-size from a hub id or a local folder, or tiny and random, built in code.
+
+Both paths give the same `Components` bundle of the same diffusers/transformers classes, so everything downstream
+(training, sampling, the notebooks) runs one code path whatever the size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+Kind = Literal["sd", "sdxl"]
+
+TINY = "tiny"
+DEFAULT_MODELS: dict[str, str] = {
+    "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+# SDXL's own VAE produces NaNs in fp16; this fine-tune of it does not (same latent space).
+SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
+# Resolution each family was trained at; tiny components work on 64 px images (8x8 latents).
+NATIVE_RESOLUTION: dict[str, int] = {"sd": 512, "sdxl": 1024, TINY: 64}
+
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "data" / "clip-tokenizer"
+
+
+class ModelSourceError(RuntimeError):
+    """A model id or folder could not be loaded; the message says why and what to do instead."""
+
+
+@dataclass
+class Components:
+    """Everything DreamBooth touches in a Stable Diffusion model.
+
+    SD 1.x/2.x has one tokenizer and text encoder; SDXL adds a second pair (`tokenizer_2`, `text_encoder_2`, whose
+    pooled, projected output conditions the UNet together with the image size and crop).
+    """
+
+    kind: Kind
+    source: str
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source == TINY
+
+    @property
+    def resolution(self) -> int:
+        """The image size this model was trained at (and samples best at)."""
+        return NATIVE_RESOLUTION[TINY if self.is_tiny else self.kind]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side (8 for every Stable Diffusion VAE, and for the tiny one)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
+    def text_encoders(self) -> list[CLIPTextModel]:
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Components:
+        """Move every module to `device` (and `dtype`, when given); returns self for chaining."""
+        for module in (self.vae, self.unet, *self.text_encoders):
+            module.to(device=device, dtype=dtype)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def load_tokenizer(folder: str | os.PathLike = TOKENIZER_DIR, *, pad_token: str | None = None) -> CLIPTokenizer:
+    """The CLIP tokenizer from a folder holding `vocab.json` and `merges.txt` (by default the one shipped in `data/`).
+
+    SDXL's second tokenizer is the same vocabulary padded with "!" instead of the end-of-text token.
+    """
+    folder = Path(folder)
+    missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"tokenizer folder {folder} lacks {', '.join(missing)}: point to a folder with the CLIP BPE files "
+            f"(the package ships them in data/clip-tokenizer)."
+        )
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    # transformers 5 ignores vocab_file=/merges_file= in the constructor; from_pretrained reads the folder correctly.
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tiny components: real classes, small configs, fixed seeds.
+
+
+def _tiny_text_encoder(hidden_size: int, *, projection_dim: int | None, seed: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,  # the real vocabulary, so the real tokenizer's ids are valid
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,  # SDXL reads the penultimate layer: keep at least two
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=projection_dim or hidden_size,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    torch.manual_seed(seed)
+    model_class = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
+    return model_class(config).eval()
+
+
+def _tiny_vae(kind: Kind, seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    # Four blocks, like the real VAE, so a 64 px image becomes 8x8x4 latents (the same 48x compression).
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=NATIVE_RESOLUTION[TINY],
+        scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
+    ).eval()
+
+
+def _tiny_unet(kind: Kind, cross_attention_dim: int, pooled_dim: int | None, seed: int) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    common = dict(
+        sample_size=NATIVE_RESOLUTION[TINY] // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=8,
+    )
+    if kind == "sd":
+        return UNet2DConditionModel(attention_head_dim=8, **common).eval()
+    # SDXL: linear attention projections and "text_time" added conditioning (pooled text + 6 size/crop numbers).
+    time_embed_dim = 8
+    return UNet2DConditionModel(
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+        transformer_layers_per_block=(1, 2),
+        **common,
+    ).eval()
+
+
+def sd15_noise_scheduler() -> DDPMScheduler:
+    """The training schedule of SD 1.x and SDXL: scaled-linear betas from 0.00085 to 0.012 over 1000 steps."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def tiny_components(kind: Kind = "sd", seed: int = 0) -> Components:
+    """Tiny, randomly initialised components of the real classes, identical for the same `kind` and `seed`."""
+    if kind not in ("sd", "sdxl"):
+        raise ValueError(f"kind={kind!r}: use 'sd' (SD 1.x/2.x) or 'sdxl'.")
+    tokenizer = load_tokenizer()
+    text_encoder = _tiny_text_encoder(32, projection_dim=None, seed=seed)
+    tokenizer_2 = text_encoder_2 = None
+    cross_attention_dim, pooled_dim = 32, None
+    if kind == "sdxl":
+        tokenizer_2 = load_tokenizer(pad_token="!")
+        text_encoder_2 = _tiny_text_encoder(64, projection_dim=32, seed=seed + 1)
+        # SDXL concatenates both encoders' penultimate hidden states along the feature axis.
+        cross_attention_dim, pooled_dim = 32 + 64, 32
+    return Components(
+        kind=kind,
+        source=TINY,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_tiny_vae(kind, seed + 2),
+        unet=_tiny_unet(kind, cross_attention_dim, pooled_dim, seed + 3),
+        noise_scheduler=sd15_noise_scheduler(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Full components: a hub id or a local diffusers folder, safetensors only.
+
+
+def _looks_like_path(source: str) -> bool:
+    """A hub id is `owner/name`; anything with more parts, a leading ./ / ~, or that exists on disk is a folder."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source or Path(source).exists()
+
+
+def _source_error(source: str, cause: BaseException) -> ModelSourceError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    why = "HF_HUB_OFFLINE is set, so the hub is not contacted" if offline else f"{type(cause).__name__}: {cause}"
+    return ModelSourceError(
+        f"Could not load the model {source!r} ({why}).\n"
+        "Ways out:\n"
+        "  - a local diffusers folder: pass its path (download it once where you have internet, e.g. with "
+        "`huggingface-cli download ID --local-dir FOLDER`);\n"
+        "  - a mirror or renamed id on the hub (the old 'runwayml/stable-diffusion-v1-5' is gone: use "
+        f"'{DEFAULT_MODELS['sd']}');\n"
+        "  - a gated model: accept its licence on the hub and log in (`huggingface-cli login`);\n"
+        "  - tiny mode, which needs no download: set DREAMBOOTH_MODE=tiny or pass 'tiny'."
+    )
+
+
+def _read_model_index(source: str, revision: str | None) -> dict:
+    """The pipeline's model_index.json: tells SD from SDXL, and is the first (cheapest) file to fail when offline."""
+    if _looks_like_path(source):
+        folder = Path(source).expanduser()
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise ModelSourceError(
+                f"{folder} is not a diffusers pipeline folder (no model_index.json there). Save one with "
+                "`pipeline.save_pretrained(folder)` or `save_components`, or pass a hub id."
+            )
+        return json.loads(index.read_text())
+    try:
+        return DiffusionPipeline.load_config(source, revision=revision)
+    except Exception as error:  # hub errors come as OSError, HTTP errors, validation errors...
+        raise _source_error(source, error) from error
+
+
+def detect_kind(model_index: dict) -> Kind:
+    """SDXL pipelines carry a second text encoder; everything else here is SD 1.x/2.x-shaped."""
+    return "sdxl" if model_index.get("text_encoder_2") or "XL" in model_index.get("_class_name", "") else "sd"
+
+
+def load_components(
+    source: str = TINY,
+    *,
+    kind: Kind | None = None,
+    vae: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> Components:
+    """Load the components of a Stable Diffusion model.
+
+    Args:
+        source: `"tiny"`, a hub id, or a local diffusers pipeline folder.
+        kind: `"sd"` or `"sdxl"`; needed only for `"tiny"` (default `"sd"`), read from the model otherwise.
+        vae: another VAE (hub id or folder) to use instead of the model's own. SDXL from the default hub id uses the
+            fp16-fix VAE unless told otherwise.
+        revision, variant: passed to `from_pretrained` (e.g. `variant="fp16"` halves the download).
+        torch_dtype: dtype of the loaded weights (tiny components are always built in float32).
+        seed: seed of the tiny components.
+    """
+    if source == TINY:
+        return tiny_components(kind or "sd", seed=seed)
+    model_index = _read_model_index(source, revision)
+    found = detect_kind(model_index)
+    if kind is not None and kind != found:
+        raise ModelSourceError(f"{source!r} is an {found!r} model, but kind={kind!r} was asked for.")
+    if vae is None and found == "sdxl" and source == DEFAULT_MODELS["sdxl"]:
+        vae = SDXL_FP16_VAE
+
+    def load(model_class, subfolder: str | None, path: str = source, **kwargs):
+        try:
+            return model_class.from_pretrained(path, subfolder=subfolder, revision=revision, **kwargs)
+        except Exception as error:
+            raise _source_error(f"{path}/{subfolder}" if subfolder else path, error) from error
+
+    weights = dict(use_safetensors=True, torch_dtype=torch_dtype, variant=variant)
+    components = Components(
+        kind=found,
+        source=source,
+        tokenizer=load(CLIPTokenizer, "tokenizer"),
+        text_encoder=load(CLIPTextModel, "text_encoder", **weights),
+        vae=load(AutoencoderKL, None, vae, use_safetensors=True, torch_dtype=torch_dtype)
+        if vae
+        else load(AutoencoderKL, "vae", **weights),
+        unet=load(UNet2DConditionModel, "unet", **weights),
+        noise_scheduler=load(DDPMScheduler, "scheduler"),
+    )
+    if found == "sdxl":
+        components.tokenizer_2 = load(CLIPTokenizer, "tokenizer_2")
+        components.text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2", **weights)
+    for module in (components.vae, components.unet, *components.text_encoders):
+        module.eval()
+    return components
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pipelines
+
+
+def sampling_scheduler(components: Components) -> DPMSolverMultistepScheduler:
+    """A fast multistep solver (good images in ~25 steps) on the model's own training schedule."""
+    return DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
+
+
+def build_pipeline(components: Components, scheduler=None) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Assemble the stock diffusers pipeline from the components (no safety checker, no watermarker)."""
+    scheduler = scheduler or sampling_scheduler(components)
+    if components.kind == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer,
+            tokenizer_2=components.tokenizer_2,
+            unet=components.unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    return StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_components(components: Components, folder: str | os.PathLike) -> Path:
+    """Write a diffusers pipeline folder (safetensors) that the stock `from_pretrained` loads."""
+    folder = Path(folder)
+    # The folder carries the fast sampling scheduler; training reads the same config into a DDPMScheduler.
+    pipeline = build_pipeline(components)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,104 @@
+"""The foundation: tiny components, the stock pipelines, the full-mode loading path, and its errors."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from dreambooth_lib.generate import generate
+from dreambooth_lib.models import (
+    ModelSourceError,
+    build_pipeline,
+    load_components,
+    load_tokenizer,
+    tiny_components,
+)
+
+
+def _state(components):
+    return {
+        f"{name}.{key}": value
+        for name in ("text_encoder", "text_encoder_2", "vae", "unet")
+        if getattr(components, name) is not None
+        for key, value in getattr(components, name).state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_tiny_components_are_deterministic(kind):
+    first, second = _state(tiny_components(kind)), _state(tiny_components(kind))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    other_seed = _state(tiny_components(kind, seed=1))
+    assert not torch.equal(first["unet.conv_in.weight"], other_seed["unet.conv_in.weight"])
+
+
+def test_tiny_sdxl_has_the_sdxl_shape(tiny_sdxl):
+    assert tiny_sdxl.kind == "sdxl" and len(tiny_sdxl.text_encoders) == 2
+    assert tiny_sdxl.unet.config.addition_embed_type == "text_time"
+    hidden = tiny_sdxl.text_encoder.config.hidden_size + tiny_sdxl.text_encoder_2.config.hidden_size
+    assert tiny_sdxl.unet.config.cross_attention_dim == hidden
+    assert tiny_sdxl.tokenizer_2.pad_token == "!"
+    assert tiny_sdxl.vae_scale_factor == 8
+
+
+def test_tokenizer_matches_clip_ids():
+    tokenizer = load_tokenizer()
+    assert tokenizer("a photo of sks dog").input_ids == [49406, 320, 1125, 539, 48136, 1929, 49407]
+    assert tokenizer.model_max_length == 77
+
+
+def test_missing_tokenizer_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vocab.json, merges.txt"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("folder_fixture", "pipeline_class"),
+    [("tiny_sd_folder", StableDiffusionPipeline), ("tiny_sdxl_folder", StableDiffusionXLPipeline)],
+)
+def test_saved_folder_loads_in_stock_pipeline_and_generates(request, folder_fixture, pipeline_class):
+    folder = request.getfixturevalue(folder_fixture)
+    assert not list(folder.rglob("*.bin")), "weights must be saved as safetensors"
+    pipeline = pipeline_class.from_pretrained(folder)
+    image = pipeline("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    assert np.isfinite(image).all()
+
+
+@pytest.mark.parametrize(("folder_fixture", "kind"), [("tiny_sd_folder", "sd"), ("tiny_sdxl_folder", "sdxl")])
+def test_saved_folder_loads_through_full_mode_path(request, folder_fixture, kind):
+    folder = request.getfixturevalue(folder_fixture)
+    reference = _state(request.getfixturevalue(f"tiny_{kind}"))
+    loaded = load_components(str(folder))
+    assert loaded.kind == kind and not loaded.is_tiny
+    assert loaded.noise_scheduler.config.beta_schedule == "scaled_linear"
+    state = _state(loaded)
+    assert all(torch.equal(state[key], reference[key]) for key in reference)
+
+
+def test_generation_is_repeatable_per_seed(tiny_sd):
+    pipeline = build_pipeline(tiny_sd)
+    a = generate(pipeline, "a dog", num_images=3, seed=5, num_inference_steps=2, batch_size=2, progress=False)
+    b = generate(pipeline, "a dog", num_images=1, seed=6, num_inference_steps=2, progress=False)
+    assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))
+    assert a[0].size == (64, 64)
+
+
+def test_unreachable_hub_id_gives_a_clear_error():
+    with pytest.raises(ModelSourceError) as error:
+        load_components("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    message = str(error.value)
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in message
+    assert "HF_HUB_OFFLINE" in message
+    assert "local diffusers folder" in message and "DREAMBOOTH_MODE=tiny" in message
+
+
+def test_folder_without_model_index_is_refused(tmp_path):
+    with pytest.raises(ModelSourceError, match="model_index.json"):
+        load_components(str(tmp_path))
+
+
+def test_kind_mismatch_is_refused(tiny_sd_folder):
+    with pytest.raises(ModelSourceError, match="'sd' model"):
+        load_components(str(tiny_sd_folder), kind="sdxl")
