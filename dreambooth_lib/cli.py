@@ -48,6 +48,64 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    """The DreamBooth paper's metrics for each run folder: calibration, table, results JSON, bar chart, grids."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: the command may run without a display
+    from dreambooth_lib.evaluate import (
+        PAPER_ROWS,
+        calibrate,
+        evaluate_runs,
+        load_backbones,
+        load_real_images,
+        metrics_bar_chart,
+        prompt_grid_figure,
+        results_table,
+        save_results,
+    )
+
+    print(environment_report())
+    real_images = load_real_images(args.instance_dir)
+    backbones = load_backbones()
+    calibration = calibrate(backbones, real_images)
+    paper = PAPER_ROWS["Real Images (paper)"]
+    print(
+        "calibration, real images against each other: "
+        + ", ".join(f"{k} {v:.3f} (paper {paper[k]})" for k, v in calibration.items())
+    )
+    results = evaluate_runs(
+        args.runs,
+        backbones,
+        real_images,
+        identifier=args.identifier,
+        class_noun=args.class_noun,
+        images_per_prompt=args.images_per_prompt,
+        prompt_count=args.prompts,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+    )
+    print(results_table(results))
+    out = Path(args.out)
+    save_results(results, out / "results.json")
+    metrics_bar_chart(results).savefig(out / "metrics.png", dpi=120)
+    for result in results:
+        prompt_grid_figure(result).savefig(out / f"{result.name}-grid.png", dpi=100)
+    print(f"wrote results.json, metrics.png and one image grid per run to {out}")
+    return 0
+
+
+def run_check_data(args: argparse.Namespace) -> int:
+    """Decode every file of an image folder and print a table; exit 0 when training can use it, 1 when not."""
+    from dreambooth_lib.data import check_folder
+
+    report = check_folder(args.folder, args.resolution)
+    print(report.table())
+    for problem in report.problems():
+        print(f"fix: {problem}")
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreambooth_lib", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="outputs/generate.png", help="where to write the PNG grid")
     gen.set_defaults(run=run_generate)
+
+    ev = commands.add_parser("evaluate", help="score trained runs with the DreamBooth paper's metrics")
+    ev.add_argument("runs", nargs="+", metavar="RUN_FOLDER", help="training output folders (config.json + weights)")
+    ev.add_argument("--instance-dir", required=True, help="the real images of the subject")
+    ev.add_argument("--class-noun", required=True, help="the subject's class, e.g. dog (picks the prompt list)")
+    ev.add_argument("--identifier", default="sks", help="the rare token the runs were trained with")
+    ev.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (the paper: 4; at least 2)")
+    ev.add_argument("--prompts", type=int, help="use the first K of the paper's 25 prompt templates (default: all)")
+    ev.add_argument("--steps", type=int, default=25, help="sampling steps of the multistep solver")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default="outputs/evaluation", help="folder for results.json, metrics.png and grids")
+    ev.set_defaults(run=run_evaluate)
+
+    check = commands.add_parser("check-data", help="check an instance/class image folder before training")
+    check.add_argument("folder", help="the folder of images")
+    check.add_argument("--resolution", type=int, help="training resolution: smaller images are flagged")
+    check.set_defaults(run=run_check_data)
     return parser
 
 

@@ -29,9 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
 from dreambooth_lib.environment import default_device, select_mode
+from dreambooth_lib.generate import generate
 from dreambooth_lib.models import TOKENIZER_DIR, _source_error, load_tokenizer
 
 # The hub repositories keep safetensors weights on the safetensors bot's pull-request branches, not on main (which
@@ -396,14 +398,12 @@ def evaluate_images(
     """
     generated = [image for images in images_by_prompt.values() for image in images]
     prompts = [plain_prompts[prompt] for prompt, images in images_by_prompt.items() for _ in images]
-    dino_real = backbones.embed_dino(real_images)
-    clip_real = backbones.embed_clip_images(real_images)
     diversity, method = diversity_score(backbones, images_by_prompt)
     scores = {
-        "DINO": mean_pairwise_cosine(backbones.embed_dino(generated), dino_real),
-        "CLIP-I": mean_pairwise_cosine(backbones.embed_clip_images(generated), clip_real),
+        "DINO": dino_score(backbones, generated, real_images),
+        "CLIP-I": clip_image_score(backbones, generated, real_images),
         "CLIP-T": clip_text_score(backbones, generated, prompts),
-        "PRES": mean_pairwise_cosine(backbones.embed_dino(class_images), dino_real),
+        "PRES": prior_preservation_score(backbones, class_images, real_images),
         "DIV": diversity,
     }
     return EvaluationResult(
@@ -440,10 +440,6 @@ def evaluate_pipeline(
     PRES uses `class_image_count` images of the bare prompt "a {class_noun}" (default: twice images_per_prompt).
     Seeds repeat across prompts and models, so two models are compared on the same starting noise.
     """
-    from tqdm.auto import tqdm
-
-    from dreambooth_lib.generate import generate
-
     if images_per_prompt < 2:
         raise ValueError(f"images_per_prompt={images_per_prompt}: diversity needs at least 2 images per prompt.")
     pairs = protocol_prompts(identifier, class_noun, live=live, count=prompt_count)
@@ -455,6 +451,54 @@ def evaluate_pipeline(
         pipeline, f"a {class_noun}", num_images=class_image_count or 2 * images_per_prompt, **sampling
     )
     return evaluate_images(backbones, images_by_prompt, dict(pairs), class_images, real_images, name=name)
+
+
+def load_real_images(folder: str | Path) -> list[Image.Image]:
+    """The subject's real images, checked the way training checks them (a bad file stops here, named)."""
+    from dreambooth_lib.data import check_folder, load_image
+
+    report = check_folder(folder)
+    report.raise_for_problems()
+    return [load_image(path) for path in report.usable]
+
+
+def evaluate_runs(
+    run_dirs: Sequence[str | Path],
+    backbones: Backbones,
+    real_images: Sequence[Image.Image],
+    *,
+    identifier: str,
+    class_noun: str,
+    device: torch.device | str | None = None,
+    **protocol,
+) -> list[EvaluationResult]:
+    """Run the protocol on each training run folder (its `pipeline/` or base model + LoRA), named by folder.
+
+    `protocol` takes `evaluate_pipeline`'s keywords (images_per_prompt, prompt_count, seed, ...). Each pipeline is
+    freed before the next loads, so only one model sits in memory.
+    """
+    from dreambooth_lib.train import load_run_pipeline
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    results = []
+    for run_dir in map(Path, run_dirs):
+        pipeline = load_run_pipeline(run_dir, device=device, dtype=dtype)
+        results.append(
+            evaluate_pipeline(
+                pipeline,
+                backbones,
+                real_images,
+                identifier=identifier,
+                class_noun=class_noun,
+                name=run_dir.name,
+                **protocol,
+            )
+        )
+        del pipeline
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
 
 
 def calibrate(backbones: Backbones, real_images: Sequence[Image.Image]) -> dict[str, float]:
