@@ -101,8 +101,6 @@ def run_check_data(args: argparse.Namespace) -> int:
 
     report = check_folder(args.folder, args.resolution)
     print(report.table())
-    for problem in report.problems():
-        print(f"fix: {problem}")
     return 0 if report.ok else 1
 
 
