@@ -457,13 +457,13 @@ def _scale_latents(vae_config, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def latent_moments(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of the VAE's diagonal Gaussian q(z | x), unscaled, as float32 on the CPU.
+    """Mean and standard deviation of the VAE's diagonal Gaussian q(z | x), unscaled, float32 on the VAE's device.
 
     `pixel_values` ([B, 3, H, W] in [-1, 1]) is moved to the VAE's device and dtype.
     """
     parameter = next(vae.parameters())
     distribution = vae.encode(pixel_values.to(parameter.device, parameter.dtype)).latent_dist
-    mean, std = distribution.mean.float().cpu(), distribution.std.float().cpu()
+    mean, std = distribution.mean.float(), distribution.std.float()
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
         raise DataError(
             f"the VAE produced NaN/inf latents in {parameter.dtype}: encode in float32, or for SDXL in float16 use "
@@ -481,7 +481,7 @@ def sample_latents(
 
 
 def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pixels [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/8, W/8] (float32, CPU), a sample of q(z | x).
+    """Pixels [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/8, W/8] (float32, VAE's device), a sample of q(z | x).
 
     Sampling rather than taking the mean is what the DreamBooth training scripts do; it is a little extra
     augmentation. `LatentCache` stores mean and std instead of one sample so it keeps drawing fresh samples.
@@ -540,8 +540,8 @@ class LatentCache(torch.utils.data.Dataset):
         for start in tqdm(range(0, len(jobs), batch_size), desc="encoding latents", unit="batch", leave=False):
             batch = torch.stack([dataset.pixels(path, flip) for path, flip in jobs[start : start + batch_size]])
             mean, std = latent_moments(vae, batch)
-            means.append(mean)
-            stds.append(std)
+            means.append(mean.cpu())  # the cache lives in CPU memory; the data loader moves each batch
+            stds.append(std.cpu())
         mean = torch.cat(means).unflatten(0, (-1, len(flips)))
         std = torch.cat(stds).unflatten(0, (-1, len(flips)))
         moments = list(zip(mean, std, strict=True))
