@@ -31,6 +31,11 @@ def run_generate(args: argparse.Namespace) -> int:
     source = args.model or _default_source(args.kind)
     components = load_components(source, kind=args.kind if source == "tiny" else None, torch_dtype=dtype)
     pipeline = build_pipeline(components).to(device)
+    if args.lora:
+        from dreambooth_lib.lora import load_lora
+
+        load_lora(pipeline, args.lora, scale=args.lora_scale)
+        source = f"{source} + LoRA {args.lora} (scale {args.lora_scale})"
     images = generate(
         pipeline,
         args.prompt,
@@ -112,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--model", help="'tiny', a hub id or a pipeline folder (default: the current mode's base model)")
     gen.add_argument("--kind", choices=("sd", "sdxl"), default="sd", help="model family of the default/tiny model")
+    gen.add_argument(
+        "--lora",
+        metavar="FILE_OR_FOLDER",
+        help="a LoRA (diffusers or kohya .safetensors, or a folder with pytorch_lora_weights.safetensors) for --model",
+    )
+    gen.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength: 0 = base model, 1 = as trained")
     gen.add_argument("--num-images", type=int, default=4)
     gen.add_argument("--steps", type=int, default=25, help="sampling steps of the multistep solver")
     gen.add_argument("--guidance-scale", type=float, default=7.5)
