@@ -1,0 +1,195 @@
+"""The training form, the live loss plot and the memory estimate behind them, all built headlessly (no browser)."""
+
+import html
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth_lib import widgets
+from dreambooth_lib.config import PRESETS, TrainConfig
+from dreambooth_lib.memory import FAMILIES, GIB, estimate_memory_gib
+
+
+def shown_message(form: widgets.TrainForm) -> str:
+    """The form's message line as a person reads it (HTML entities decoded)."""
+    return html.unescape(form.message.value)
+
+
+@pytest.fixture
+def notebook_config() -> TrainConfig:
+    """What a notebook would pass: the tiny preset with its own subject."""
+    return TrainConfig.preset(
+        "tiny-cpu",
+        instance_dir="data/scenes/teal_room",
+        instance_prompt="a photo of sks room",
+        class_prompt="a photo of a room",
+        output_dir="outputs/test-form",
+    )
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """Replace the training function; records the configs it was called with."""
+    calls = []
+
+    def record(config, callbacks=()):
+        calls.append((config, list(callbacks)))
+        return "trained"
+
+    monkeypatch.setattr("dreambooth_lib.train.train", record)
+    return calls
+
+
+def test_untouched_form_gives_the_notebooks_config(notebook_config):
+    form = widgets.TrainForm(notebook_config)
+    assert form.validated_config().to_dict() == notebook_config.to_dict()
+    assert "settings are valid" in shown_message(form)
+
+
+def test_changed_fields_give_a_validated_config(notebook_config):
+    form = widgets.TrainForm(notebook_config)
+    form.set("max_steps", 7)
+    form.set("learning_rate", 2e-4)
+    form.set("use_lora", True)
+    form.set("text_encoder_lr", 3e-5)
+    form.set("validation_prompts", ["a photo of sks room with a piano", "a photo of sks room at night"])
+    config = form.validated_config()
+    assert isinstance(config, TrainConfig)
+    assert (config.max_steps, config.learning_rate, config.use_lora, config.text_encoder_lr) == (7, 2e-4, True, 3e-5)
+    assert config.validation_prompts == ["a photo of sks room with a piano", "a photo of sks room at night"]
+    # Fields the form does not show keep the notebook's values.
+    assert (config.instance_dir, config.output_dir) == ("data/scenes/teal_room", "outputs/test-form")
+    # An optional number emptied in the form means None.
+    form.set("text_encoder_lr", None)
+    assert form.config.text_encoder_lr is None
+
+
+def test_every_field_has_a_widget_with_its_help_and_range():
+    names = list(TrainConfig.__dataclass_fields__)
+    form = widgets.TrainForm(TrainConfig.preset("tiny-cpu"), fields=names)
+    assert form.config.to_dict() == TrainConfig.preset("tiny-cpu").to_dict()
+    assert widgets.help_text("resolution") == "training image side (a multiple of 8) [8 to 4096 px]"
+    assert isinstance(form.inputs["mixed_precision"], widgets.widgets.Dropdown)
+    assert list(form.inputs["mixed_precision"].options) == ["no", "fp16", "bf16"]
+
+
+def test_invalid_value_shows_the_message_and_does_not_train(notebook_config, fake_train):
+    form = widgets.TrainForm(notebook_config)
+    form.set("resolution", 65)
+    assert "resolution=65 must be a multiple of 8" in shown_message(form)
+    assert form.train() is None
+    assert fake_train == []
+    assert "Not started" in shown_message(form) and "resolution=65" in shown_message(form)
+
+
+def test_text_that_is_not_a_number_is_reported_by_field_name(notebook_config, fake_train):
+    form = widgets.TrainForm(notebook_config)
+    form.inputs["text_encoder_lr"].value = "fast"
+    assert "text_encoder_lr='fast': expected a float" in shown_message(form)
+    assert form.train() is None and fake_train == []
+
+
+def test_settings_this_machine_cannot_run_are_refused_but_still_estimated(notebook_config, fake_train):
+    form = widgets.TrainForm(notebook_config)
+    form.set("mixed_precision", "fp16")  # the tests run on a CPU
+    assert "needs a CUDA GPU" in shown_message(form)
+    assert "GiB" in form.memory.value or "MiB" in form.memory.value
+    assert form.train() is None and fake_train == []
+
+
+def test_valid_form_trains_once_with_its_config_and_a_live_plot(notebook_config, fake_train):
+    form = widgets.TrainForm(notebook_config)
+    form.set("max_steps", 3)
+    assert form.train() == "trained"
+    [(config, callbacks)] = fake_train
+    assert config.max_steps == 3 and config.instance_prompt == "a photo of sks room"
+    assert isinstance(callbacks[0], widgets.LiveLossPlot)
+
+
+def test_preset_refills_the_fields_and_keeps_the_subject(notebook_config):
+    form = widgets.TrainForm(notebook_config)
+    form.preset.value = "sd15-full-t4"  # as a person choosing it in the dropdown
+    t4 = PRESETS["sd15-full-t4"]
+    assert form.inputs["max_steps"].value == t4.max_steps == 800
+    assert form.inputs["use_8bit_adam"].value is True and form.inputs["mixed_precision"].value == "fp16"
+    config = form.config
+    assert config.model == t4.model  # not in the form: taken from the preset
+    assert (config.instance_prompt, config.instance_dir) == ("a photo of sks room", "data/scenes/teal_room")
+    form.apply_preset(widgets.NOTEBOOK_DEFAULTS)
+    assert form.config.to_dict() == notebook_config.to_dict()
+
+
+def test_memory_line_follows_the_settings():
+    form = widgets.TrainForm(PRESETS["sd15-full-t4"])
+    with_8bit = form.memory.value
+    form.set("use_8bit_adam", False)
+    assert form.memory.value != with_8bit
+    assert "does not fit a T4" in form.memory.value and "fits a T4" in with_8bit
+
+
+def test_memory_estimate_falls_with_8bit_adam_lora_and_checkpointing():
+    full = PRESETS["sd15-full-t4"].replace(use_8bit_adam=False, gradient_checkpointing=False)
+    base = estimate_memory_gib(full)
+    trained = FAMILIES["sd"].unet + FAMILIES["sd"].text_encoders[0]
+    # 8-bit AdamW: 2 instead of 8 bytes of state per trained parameter (UNet + text encoder).
+    eight_bit = estimate_memory_gib(full.replace(use_8bit_adam=True))
+    assert base.optimizer_states - eight_bit.optimizer_states == pytest.approx(6 * trained / GIB)
+    # Gradient checkpointing keeps a quarter of the activations.
+    checkpointed = estimate_memory_gib(full.replace(gradient_checkpointing=True))
+    assert checkpointed.activations == pytest.approx(base.activations / 4)
+    # LoRA trains ~1.6 M parameters (rank 8) instead of ~1 B: gradients and optimiser state all but vanish.
+    lora = estimate_memory_gib(full.replace(use_lora=True, lora_rank=8))
+    assert lora.gradients < 0.01 and lora.total < base.total - 10
+    # Activations grow with the pixels and with prior preservation's extra class image per instance image.
+    assert estimate_memory_gib(full.replace(resolution=1024)).activations == pytest.approx(4 * base.activations)
+    no_prior = estimate_memory_gib(full.replace(with_prior_preservation=False))
+    assert no_prior.activations == pytest.approx(base.activations / 2)
+    # Without mixed precision the frozen VAE is kept in fp32 (4 bytes instead of 2) and activations double.
+    fp32 = estimate_memory_gib(full.replace(mixed_precision="no"))
+    assert fp32.weights - base.weights == pytest.approx(2 * FAMILIES["sd"].vae / GIB)
+    assert fp32.activations == pytest.approx(2 * base.activations)
+
+
+def test_t4_presets_are_estimated_to_fit_a_t4():
+    for name in ("sd15-full-t4", "sdxl-lora-t4"):
+        assert estimate_memory_gib(PRESETS[name]).fits(15.0), name
+
+
+def test_live_loss_plot_keeps_losses_and_redraws_every_few_steps():
+    plot = widgets.LiveLossPlot(every=2)
+    plot(1, {"step": 1, "loss": 0.5, "instance_loss": 0.3, "prior_loss": 0.2, "lr": 1e-4})
+    assert len(plot.widget.value) == 0  # not a redraw step
+    plot(2, {"step": 2, "loss": 0.4, "instance_loss": 0.25, "prior_loss": 0.15, "lr": 1e-4})
+    assert set(plot.history) == {"loss", "instance_loss", "prior_loss"}
+    assert plot.history["loss"] == [(1, 0.5), (2, 0.4)]
+    picture = Image.open(io.BytesIO(plot.widget.value))
+    assert picture.format == "PNG" and picture.width > 200
+
+
+def test_image_rows_lays_out_one_labelled_row_per_entry():
+    red, blue = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))
+    picture = widgets.image_rows({"before": [red, red, red], "after": [blue, blue]}, column_titles=["a", "b", "c"])
+    pixels = np.asarray(picture).astype(int)
+    is_red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+    is_blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 60) & (pixels[..., 1] < 60)
+    # Three red cells above two blue ones, each drawn at the same size.
+    assert is_red.sum() == pytest.approx(1.5 * is_blue.sum(), rel=0.05)
+    red_rows, blue_rows = np.nonzero(is_red.any(axis=1))[0], np.nonzero(is_blue.any(axis=1))[0]
+    assert red_rows.max() < blue_rows.min()
+    assert np.nonzero(is_blue.any(axis=0))[0].max() < np.nonzero(is_red.any(axis=0))[0].max()
+
+
+def test_value_slider_redraws_the_image_for_the_new_value():
+    seen = []
+
+    def render(value):
+        seen.append(value)
+        return Image.new("RGB", (4, 4), (int(100 * value), 0, 0))
+
+    box = widgets.value_slider(render, description="scale", value=1.0)
+    slider, picture = box.children
+    first = picture.value
+    slider.value = 0.5
+    assert seen == [1.0, 0.5] and picture.value != first
