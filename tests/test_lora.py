@@ -41,13 +41,14 @@ def _keys(path) -> list[str]:
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
 def trained(request, tmp_path_factory):
-    """Tiny components with perturbed UNet + text-encoder adapters, saved, and the image they generate."""
+    """Tiny components with perturbed UNet + text-encoder adapters, saved; the image they and the base generate."""
     components = tiny_components(request.param)
     add_lora(components, rank=RANK, alpha=ALPHA, train_text_encoder=True)
     _perturb_lora_b(components)
     folder = tmp_path_factory.mktemp(f"lora-{request.param}")
     lora_file = save_lora(components, folder)
-    return request.param, lora_file, _image(build_pipeline(components))
+    base_image = _image(build_pipeline(tiny_components(request.param)))
+    return request.param, lora_file, _image(build_pipeline(components)), base_image
 
 
 def test_add_lora_returns_only_fp32_adapters_on_an_fp16_base():
@@ -67,6 +68,26 @@ def test_add_lora_returns_only_fp32_adapters_on_an_fp16_base():
     assert all(p.shape[0] == RANK or p.shape[1] == RANK for p in params)
 
 
+def test_lora_on_an_fp16_base_takes_a_step_under_the_fp16_gradient_scaler():
+    # fp16 trainable weights make GradScaler.unscale_ raise "Attempting to unscale FP16 gradients".
+    components = tiny_components("sd").to("cpu", torch.float16)
+    params = add_lora(components, rank=RANK, train_text_encoder=True)
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)  # no decay: a weight moves only by its gradient
+    scaler = torch.amp.GradScaler("cpu")
+    ids = components.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
+    with torch.autocast("cpu", dtype=torch.float16):
+        embeddings = components.text_encoder(ids)[0]
+        prediction = components.unet(torch.randn(1, 4, 8, 8), 500, encoder_hidden_states=embeddings).sample
+    scaler.scale(prediction.float().pow(2).mean()).backward()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    moved = [not torch.equal(p, b) for p, b in zip(params, before, strict=True)]
+    # B starts at zero, so only B has a gradient on the first step: every B, UNet's and text encoder's, took a step
+    # (the scaler skips the step when any gradient is inf/NaN).
+    assert sum(moved) == len(params) // 2
+
+
 def test_dora_adds_trainable_magnitudes_and_round_trips(tmp_path):
     components = tiny_components("sd")
     params = add_lora(components, rank=RANK, use_dora=True)
@@ -83,12 +104,11 @@ def test_dora_adds_trainable_magnitudes_and_round_trips(tmp_path):
 
 
 def test_stock_load_lora_weights_reproduces_the_trained_image(trained):
-    kind, lora_file, trained_image = trained
+    kind, lora_file, trained_image, base_image = trained
     assert lora_file.name == LORA_WEIGHTS_NAME
     prefixes = {key.split(".")[0] for key in _keys(lora_file)}
     assert prefixes == ({"unet", "text_encoder", "text_encoder_2"} if kind == "sdxl" else {"unet", "text_encoder"})
     pipeline = build_pipeline(tiny_components(kind))
-    base_image = _image(pipeline)
     pipeline.load_lora_weights(lora_file.parent)  # the stock call, on the folder
     loaded_image = _image(pipeline)
     assert np.abs(loaded_image - base_image).mean() > 2  # the adapters change the picture for the same seed...
@@ -96,14 +116,13 @@ def test_stock_load_lora_weights_reproduces_the_trained_image(trained):
 
 
 def test_lora_scale_zero_gives_the_base_image(trained):
-    kind, lora_file, _ = trained
-    base_image = _image(build_pipeline(tiny_components(kind)))
+    kind, lora_file, _, base_image = trained
     scaled = _image(load_lora(build_pipeline(tiny_components(kind)), lora_file, scale=0.0))
     assert np.abs(scaled - base_image).max() <= 1
 
 
 def test_kohya_export_names_keys_like_kohya_and_loads_to_the_same_image(trained, tmp_path):
-    kind, lora_file, trained_image = trained
+    kind, lora_file, trained_image, _ = trained
     kohya_file = export_kohya(lora_file.parent, tmp_path / "lora_kohya.safetensors")
     with safe_open(str(kohya_file), framework="pt") as handle:
         weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
@@ -128,7 +147,7 @@ def test_generate_command_applies_a_lora_file(trained, tmp_path):
 
     from dreambooth_lib.cli import main
 
-    kind, lora_file, trained_image = trained
+    kind, lora_file, trained_image, _ = trained
     out = tmp_path / "grid.png"
     prompt = ["--prompt", "a photo of sks dog", "--seed", "3", "--num-images", "1", "--steps", "2"]
     assert (
