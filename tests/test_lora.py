@@ -156,6 +156,16 @@ def test_generate_command_applies_a_lora_file(trained, tmp_path):
     assert np.abs(np.asarray(Image.open(out), dtype=np.float64) - trained_image).max() <= 1
 
 
+def test_save_lora_unwraps_modules_wrapped_for_parallel_training(tmp_path):
+    components = tiny_components("sd")
+    add_lora(components, rank=RANK, train_text_encoder=True)
+    plain = _keys(save_lora(components, tmp_path / "plain"))
+    # accelerate.prepare wraps modules (DistributedDataParallel); DataParallel is the same kind of wrapper on a CPU.
+    components.unet = torch.nn.DataParallel(components.unet)
+    components.text_encoder = torch.nn.DataParallel(components.text_encoder)
+    assert _keys(save_lora(components, tmp_path / "wrapped")) == plain
+
+
 def test_bad_lora_settings_and_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="rank=0"):
         add_lora(tiny_components("sd"), rank=0)
