@@ -110,7 +110,9 @@ def save_lora(components: Components, folder: str | os.PathLike) -> Path:
     kwargs: dict = {"unet_lora_layers": unet_layers, "unet_lora_adapter_metadata": unet_metadata}
     for name in ("text_encoder", "text_encoder_2"):
         text_encoder = getattr(components, name)
-        text_encoder = text_encoder and extract_model_from_parallel(text_encoder)
+        if text_encoder is None:
+            continue
+        text_encoder = extract_model_from_parallel(text_encoder)
         if _has_adapter(text_encoder):
             layers, metadata = _adapter_layers(text_encoder)
             kwargs[f"{name}_lora_layers"] = layers
