@@ -6,11 +6,14 @@ Each command is one small function that parses nothing itself: `main` builds the
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 from dreambooth_lib.environment import default_device, environment_report, select_mode
+
+DEMO_STEPS = 60
 
 
 def _default_source(kind: str) -> str:
@@ -109,6 +112,44 @@ def run_check_data(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def run_train(args: argparse.Namespace) -> int:
+    """Train DreamBooth: a preset, then a config file over it, then `--set key=value` over both."""
+    from dreambooth_lib.train import ConfigError, TrainConfig, train
+
+    try:
+        config = TrainConfig.preset(args.preset)
+        if args.config:
+            config = TrainConfig.from_file(args.config, base=config)
+        config = config.with_assignments(args.set).validate()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return _report_run(train(config))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """A tiny DreamBooth with prior preservation on the sample dog, on any CPU, offline, in about a minute."""
+    from dreambooth_lib.models import TOKENIZER_DIR
+    from dreambooth_lib.train import TrainConfig, train
+
+    print(environment_report())
+    config = TrainConfig.preset(
+        "tiny-cpu",
+        instance_dir=str(TOKENIZER_DIR.parent / "subjects" / "dog"),
+        output_dir=args.out,
+        max_steps=args.steps,
+    )
+    return _report_run(train(config))
+
+
+def _report_run(result) -> int:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch` every process returns here; one reports
+        print(f"wrote the run folder {result.run_dir}: {result.output.name}, samples.png, loss.png, README.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreambooth_lib", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("folder", help="the folder of images")
     check.add_argument("--resolution", type=int, help="training resolution: smaller images are flagged")
     check.set_defaults(run=run_check_data)
+    tr = commands.add_parser("train", help="DreamBooth fine-tuning (full or LoRA) from a preset and overrides")
+    tr.add_argument("--preset", default="tiny-cpu", help="starting settings (see dreambooth_lib.config.PRESETS)")
+    tr.add_argument("--config", help="a JSON/YAML file of TrainConfig fields, applied over the preset")
+    tr.add_argument(
+        "--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override fields, e.g. max_steps=200"
+    )
+    tr.set_defaults(run=run_train)
+
+    demo = commands.add_parser("demo", help="tiny DreamBooth with prior preservation on the sample dog (CPU, ~1 min)")
+    demo.add_argument("--out", default="outputs/demo", help="the run folder to write")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
+    demo.set_defaults(run=run_demo)
     return parser
 
 
