@@ -67,7 +67,7 @@ def test_loss_falls_on_a_fixed_batch(use_lora, falls_below):
     noise = torch.randn_like(latents)
     timesteps = torch.tensor([100, 700])
     prompt = encode_prompt(components, ["a photo of sks dog", "a photo of a dog"])
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, foreach=True)
     losses = []
     for _ in range(40):
         parts = diffusion_loss(denoiser, schedule, latents, prompt, noise, timesteps, with_prior=True)
