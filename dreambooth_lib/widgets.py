@@ -229,10 +229,11 @@ class TrainForm:
         self.message.value = "<span style='color:green'>settings are valid</span>"
 
     def show_error(self, error: ConfigError) -> None:
-        self.message.value = f"<span style='color:#c00'><b>Not started:</b> {html.escape(str(error))}</span>"
+        self.message.value = f"<span style='color:#c00'><b>Cannot start:</b> {html.escape(str(error))}</span>"
 
-    def train(self, **train_kwargs: Any):
-        """Validate the settings and train with a live loss plot; on a bad setting show why and return None."""
+    def train(self, callbacks: Sequence[Callable[[int, dict], None]] = ()):
+        """Validate the settings and train with a live loss plot (plus `callbacks`); on a bad setting show why and
+        return None instead of starting a run. Returns `train()`'s TrainResult."""
         from IPython.display import display
 
         display(self.output)
@@ -246,7 +247,9 @@ class TrainForm:
 
         plot = LiveLossPlot()
         self.output.children = [self.message, plot.widget]
-        return train(config, callbacks=[plot, *train_kwargs.pop("callbacks", [])], **train_kwargs)
+        result = train(config, callbacks=[plot, *callbacks])
+        plot.redraw()  # the last steps, when they did not end on a redraw step
+        return result
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ def fake_train(monkeypatch):
 
     def record(config, callbacks=()):
         calls.append((config, list(callbacks)))
+        for step in (1, 2, 3):  # report three steps, as the loop does after each optimiser step
+            for callback in callbacks:
+                callback(step, {"step": step, "loss": 1.0 / step, "instance_loss": 0.5 / step, "lr": 1e-4})
         return "trained"
 
     monkeypatch.setattr("dreambooth_lib.train.train", record)
@@ -81,7 +84,7 @@ def test_invalid_value_shows_the_message_and_does_not_train(notebook_config, fak
     assert "resolution=65 must be a multiple of 8" in shown_message(form)
     assert form.train() is None
     assert fake_train == []
-    assert "Not started" in shown_message(form) and "resolution=65" in shown_message(form)
+    assert "Cannot start" in shown_message(form) and "resolution=65" in shown_message(form)
 
 
 def test_text_that_is_not_a_number_is_reported_by_field_name(notebook_config, fake_train):
@@ -105,7 +108,12 @@ def test_valid_form_trains_once_with_its_config_and_a_live_plot(notebook_config,
     assert form.train() == "trained"
     [(config, callbacks)] = fake_train
     assert config.max_steps == 3 and config.instance_prompt == "a photo of sks room"
-    assert isinstance(callbacks[0], widgets.LiveLossPlot)
+    plot = callbacks[0]
+    assert isinstance(plot, widgets.LiveLossPlot)
+    assert plot.history["loss"] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    # Three steps never reach a redraw step (every 5): the curve is drawn once more when training ends.
+    assert Image.open(io.BytesIO(plot.widget.value)).format == "PNG"
+    assert plot.widget in form.output.children
 
 
 def test_preset_refills_the_fields_and_keeps_the_subject(notebook_config):
