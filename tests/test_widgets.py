@@ -9,7 +9,7 @@ from PIL import Image
 
 from dreambooth_lib import widgets
 from dreambooth_lib.config import PRESETS, TrainConfig
-from dreambooth_lib.memory import FAMILIES, GIB, estimate_memory_gib
+from dreambooth_lib.memory import FAMILIES, GIB, estimate_memory_gib, memory_table
 
 
 def shown_message(form: widgets.TrainForm) -> str:
@@ -201,3 +201,17 @@ def test_value_slider_redraws_the_image_for_the_new_value():
     first = picture.value
     slider.value = 0.5
     assert seen == [1.0, 0.5] and picture.value != first
+
+
+def test_memory_table_has_one_row_per_setting_with_its_estimate_and_fit():
+    plain = PRESETS["sd15-full-t4"].replace(mixed_precision="no", gradient_checkpointing=False, use_8bit_adam=False)
+    configs = {"plain": plain, "T4 preset": PRESETS["sd15-full-t4"]}
+    lines = memory_table(configs).splitlines()
+    assert lines[0] == "| setting | estimated peak | weights + grads + optimiser | activations | T4 | A100 40 GB |"
+    assert len(lines) == 2 + len(configs)
+    for line, (name, config) in zip(lines[2:], configs.items(), strict=True):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        estimate = estimate_memory_gib(config)
+        assert cells[:2] == [name, f"{estimate.total:.1f} GiB"]
+        assert cells[4:] == ["fits" if estimate.fits(15.0) else "no", "fits" if estimate.fits(40.0) else "no"]
+    assert lines[2].endswith("| no | fits |") and lines[3].endswith("| fits | fits |")
