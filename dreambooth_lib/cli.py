@@ -13,8 +13,6 @@ import torch
 
 from dreambooth_lib.environment import default_device, environment_report, select_mode
 
-DEMO_STEPS = 60
-
 
 def _default_source(kind: str) -> str:
     from dreambooth_lib.models import DEFAULT_MODELS, TINY
@@ -137,8 +135,9 @@ def run_demo(args: argparse.Namespace) -> int:
         "tiny-cpu",
         instance_dir=str(TOKENIZER_DIR.parent / "subjects" / "dog"),
         output_dir=args.out,
-        max_steps=args.steps,
     )
+    if args.steps is not None:
+        config = config.replace(max_steps=args.steps)
     return _report_run(train(config))
 
 
@@ -199,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="tiny DreamBooth with prior preservation on the sample dog (CPU, ~1 min)")
     demo.add_argument("--out", default="outputs/demo", help="the run folder to write")
-    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
+    demo.add_argument("--steps", type=int, help="training steps (default: the tiny-cpu preset's)")
     demo.set_defaults(run=run_demo)
     return parser
 

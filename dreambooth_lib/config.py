@@ -292,19 +292,19 @@ _SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 _SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 PRESETS: dict[str, TrainConfig] = {
-    # Seconds on a CPU: the tiny random model, 64 px, a handful of class images, a few steps.
+    # Under a minute on a CPU: the tiny random model, 64 px, a handful of class images, a few hundred tiny steps.
     "tiny-cpu": TrainConfig(
         model="tiny",
         resolution=64,
-        num_class_images=4,
-        class_inference_steps=2,
+        num_class_images=8,
+        class_inference_steps=10,
         train_batch_size=1,
-        max_steps=20,
+        max_steps=150,
         learning_rate=1e-3,
         train_text_encoder=True,
         checkpointing_steps=0,
-        num_validation_images=2,
-        validation_inference_steps=2,
+        num_validation_images=4,
+        validation_inference_steps=10,
         output_dir="outputs/tiny-dreambooth",
     ),
     # SD 1.5 full fine-tune + text encoder + prior preservation at 512 px on a 15 GiB T4: fp16 autocast with fp32

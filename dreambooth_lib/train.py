@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -146,6 +147,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callable[[int, dict], None]] 
     config.validate()
     run_dir = Path(config.output_dir)
     class_dir = Path(config.class_dir) if config.class_dir else run_dir / "class_images"
+    # accelerate keeps its settings process-wide; a notebook may train again with another precision.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -390,7 +393,10 @@ def _set_up_trainable(
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move a module, casting only when its dtype differs (diffusers warns on every cast)."""
-    module.to(device, dtype=dtype if module.dtype != dtype else None)
+    if module.dtype == dtype:
+        module.to(device)
+    else:
+        module.to(device, dtype)
 
 
 def _check_fp32(parameters: list[torch.nn.Parameter]) -> None:

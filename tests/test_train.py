@@ -28,14 +28,25 @@ DOG = ROOT / "data" / "subjects" / "dog"
 SECRET = "hf_THIS_TOKEN_MUST_NEVER_BE_WRITTEN_0123456789"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine its waits cost seconds per step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
     settings = dict(
         instance_dir=str(DOG),
         output_dir=str(tmp_path / "run"),
         class_dir=str(tmp_path / "class_images"),
         num_class_images=2,
+        class_inference_steps=2,
         max_steps=4,
         num_validation_images=1,
+        validation_inference_steps=2,
     )
     settings.update(overrides)
     return TrainConfig.preset("tiny-cpu", **settings)
@@ -176,6 +187,56 @@ def test_lora_run_loads_in_the_stock_pipeline_and_changes_the_image(tmp_path, ki
     assert "lora_unet" in prefixes
     assert {"lora_te"} <= prefixes if kind == "sd" else {"lora_te1", "lora_te2"} <= prefixes
     assert all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in kohya)
+
+
+def test_mixed_precision_keeps_trained_weights_fp32_also_after_resume(tmp_path):
+    # bf16 is the low precision a CPU runs; the frozen base is cast, the adapters (masters) must stay fp32.
+    config = tiny_config(
+        tmp_path,
+        use_lora=True,
+        train_text_encoder=True,
+        mixed_precision="bf16",
+        with_prior_preservation=False,
+        max_steps=2,
+        checkpointing_steps=2,
+        validation_steps=2,  # in-loop validation runs under autocast and must not cast the adapters
+    )
+    train(config)
+    checkpoint = load_file(Path(config.output_dir) / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert checkpoint and all("lora" in key for key in checkpoint)  # only the trained weights are checkpointed
+    assert {tensor.dtype for tensor in checkpoint.values()} == {torch.float32}
+    resumed = train(config.replace(max_steps=3, resume_from="latest"))  # refuses to go on with non-fp32 masters
+    assert [row["step"] for row in resumed.losses] == [1, 2, 3]
+
+
+def test_text_encoder_stops_training_after_its_fraction(tmp_path):
+    config = tiny_config(tmp_path, text_encoder_fraction=0.0, with_prior_preservation=False, max_steps=2)
+    result = train(config)
+    pipeline = load_run_pipeline(result.run_dir)
+    base = tiny_components("sd")
+    for name, tensor in base.text_encoder.state_dict().items():
+        torch.testing.assert_close(pipeline.text_encoder.state_dict()[name], tensor, msg=name)
+    assert any(not torch.equal(p, pipeline.unet.state_dict()[n]) for n, p in base.unet.state_dict().items())
+
+
+def test_optional_features_train(tmp_path):
+    # Prodigy, min-SNR weighting, offset noise, gradient checkpointing, no latent cache (VAE in the loop), SDXL with
+    # cached prompt embeddings (frozen text encoders).
+    config = tiny_config(
+        tmp_path,
+        kind="sdxl",
+        train_text_encoder=False,
+        optimizer="prodigy",
+        learning_rate=1.0,
+        min_snr_gamma=5.0,
+        noise_offset=0.1,
+        gradient_checkpointing=True,
+        cache_latents=False,
+        max_steps=2,
+    )
+    result = train(config)
+    assert all(np.isfinite(row["loss"]) and np.isfinite(row["prior_loss"]) for row in result.losses)
+    assert (result.output / "text_encoder_2").is_dir()
 
 
 # --------------------------------------------------------------------------------------------------------------------
