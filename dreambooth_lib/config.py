@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import types
@@ -103,6 +104,11 @@ class TrainConfig:
     # --- memory and speed
     mixed_precision: str = _setting("no", "compute precision (fp16 needs CUDA)", choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = _setting(False, "recompute UNet activations in backward (less memory, slower)")
+    attention: str = _setting(
+        "sdpa",
+        "attention kernel: PyTorch's scaled-dot-product attention, or xformers (CUDA)",
+        choices=["sdpa", "xformers"],
+    )
     cache_latents: bool = _setting(True, "encode every image once, so the loop never runs the VAE")
     # --- run
     seed: int = _setting(0, "random seed of data order, noise and timesteps", range=(0, 2**32 - 1))
@@ -167,6 +173,11 @@ class TrainConfig:
             )
         if self.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("mixed_precision='bf16' is not supported by this GPU (e.g. a T4): use 'fp16'.")
+        if self.attention == "xformers" and (device.type != "cuda" or importlib.util.find_spec("xformers") is None):
+            raise ConfigError(
+                "attention='xformers' needs a CUDA GPU and the xformers package (pip install xformers): use 'sdpa', "
+                "which is as fast on current PyTorch."
+            )
         if self.use_8bit_adam and device.type != "cuda":
             raise ConfigError(f"use_8bit_adam=True needs a CUDA GPU (bitsandbytes), not {device.type}: set it False.")
 

@@ -190,6 +190,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callable[[int, dict], None]] 
     components = _load_base(config)
     trainable = _set_up_trainable(components, config, weight_dtype, accelerator.device)
     denoiser = Denoiser(components, config.train_text_encoder)
+    if config.attention == "xformers":  # SDPA otherwise: diffusers' default on PyTorch 2
+        components.unet.enable_xformers_memory_efficient_attention()
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         for encoder in denoiser.text_encoders:

@@ -68,6 +68,8 @@ def test_precision_is_checked_against_the_device():
         TrainConfig(mixed_precision="fp16").validate("cpu")
     with pytest.raises(ConfigError, match="use_8bit_adam=True needs a CUDA GPU"):
         TrainConfig(use_8bit_adam=True).validate("cpu")
+    with pytest.raises(ConfigError, match="attention='xformers' needs a CUDA GPU"):
+        TrainConfig(attention="xformers").validate("cpu")
     assert TrainConfig(mixed_precision="bf16").validate("cpu").mixed_precision == "bf16"
 
 
