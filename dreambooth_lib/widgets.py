@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import io
+import math
 import textwrap
 import types
 import typing
@@ -279,7 +280,8 @@ class LiveLossPlot:
 
     def __call__(self, step: int, logs: Mapping[str, float]) -> None:
         for name, value in logs.items():
-            if "loss" in name and value is not None:
+            # Runs without prior preservation log the class loss as NaN: nothing to draw.
+            if "loss" in name and value is not None and not math.isnan(value):
                 self.history.setdefault(name, []).append((step, float(value)))
         if step % self.every == 0:
             self.redraw()

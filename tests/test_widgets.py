@@ -172,6 +172,8 @@ def test_live_loss_plot_keeps_losses_and_redraws_every_few_steps():
     plot(2, {"step": 2, "loss": 0.4, "instance_loss": 0.25, "prior_loss": 0.15, "lr": 1e-4})
     assert set(plot.history) == {"loss", "instance_loss", "prior_loss"}
     assert plot.history["loss"] == [(1, 0.5), (2, 0.4)]
+    plot(3, {"step": 3, "loss": 0.3, "instance_loss": 0.3, "prior_loss": float("nan"), "lr": 1e-4})  # no prior
+    assert plot.history["prior_loss"] == [(1, 0.2), (2, 0.15)]
     picture = Image.open(io.BytesIO(plot.widget.value))
     assert picture.format == "PNG" and picture.width > 200
 
