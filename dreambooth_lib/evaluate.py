@@ -540,7 +540,11 @@ def results_table(results: Sequence[EvaluationResult], *, paper_rows: bool = Tru
     return "\n".join(lines + sorted(notes))
 
 
-def metrics_bar_chart(results: Sequence[EvaluationResult], *, paper_rows: Sequence[str] = ("DreamBooth SD (paper)",)):
+def metrics_bar_chart(
+    results: Sequence[EvaluationResult],
+    *,
+    paper_rows: Sequence[str] = ("DreamBooth SD (paper)", "DreamBooth Imagen w/ PPL (paper)"),
+):
     """Grouped bars: one group per metric, one bar per run, the named paper rows as hatched bars beside them."""
     import matplotlib.pyplot as plt
 
@@ -570,7 +574,8 @@ def prompt_grid_figure(result: EvaluationResult, *, max_prompts: int | None = No
     rows = list(result.images_by_prompt.items())[:max_prompts]
     if result.class_images:
         rows.append(("class prompt (PRES)", result.class_images))
-    figure, axes = plt.subplots(len(rows), 1, figsize=(2 * result.images_per_prompt, 2.2 * len(rows)), squeeze=False)
+    columns = max(len(images) for _, images in rows)
+    figure, axes = plt.subplots(len(rows), 1, figsize=(2 * columns, 2.2 * len(rows)), squeeze=False)
     for axis, (prompt, images) in zip(axes[:, 0], rows, strict=True):
         axis.imshow(image_grid(images, columns=len(images)))
         axis.set_title(prompt, fontsize=9)

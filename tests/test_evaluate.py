@@ -1,6 +1,5 @@
 """The DreamBooth paper's metrics on tiny random backbones: identities, directions, pairing and the protocol's table."""
 
-import math
 import sys
 import types
 from pathlib import Path
@@ -185,38 +184,59 @@ def test_calibration_compares_real_images_without_self_pairs(backbones, dogs):
     assert set(PAPER_ROWS["Real Images (paper)"]) == set(result)
 
 
-def test_protocol_produces_the_table_for_a_tiny_pipeline(backbones, dogs, tiny_sd, no_lpips, tmp_path):
+def test_results_table_json_and_figures_show_our_rows_beside_the_papers(backbones, dogs, teapots, no_lpips, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from dreambooth_lib.models import build_pipeline
-
-    result = evaluate.evaluate_pipeline(
-        build_pipeline(tiny_sd),
-        backbones,
-        dogs,
-        identifier="sks",
-        class_noun="dog",
-        name="tiny base",
-        images_per_prompt=2,
-        prompt_count=2,
-        num_inference_steps=2,
-        progress=False,
-    )
+    prompts = {"a sks dog in the jungle": "a dog in the jungle", "a sks dog in the snow": "a dog in the snow"}
+    images = dict(zip(prompts, (dogs[:2], dogs[2:4]), strict=True))
+    result = evaluate.evaluate_images(backbones, images, prompts, teapots[:3], dogs, name="copies of the photos")
     assert set(result.scores) == set(evaluate.METRICS)
-    assert all(math.isfinite(v) and -1.0 <= v <= 2.0 for v in result.scores.values())
-    assert list(result.images_by_prompt) == ["a sks dog in the jungle", "a sks dog in the snow"]
-    assert len(result.class_images) == 4
+    assert result.scores["DINO"] == pytest.approx(dino_score(backbones, dogs[:4], dogs))
+    assert result.scores["PRES"] == pytest.approx(dino_score(backbones, teapots[:3], dogs))
 
     table = evaluate.results_table([result])
-    assert "| tiny base " in table and "DreamBooth SD (paper)" in table and "0.668" in table
+    assert "| copies of the photos " in table and "| DreamBooth SD (paper)" in table and "0.668" in table
     assert "fallback" in table and result.clip_model in table
     saved = evaluate.save_results([result], tmp_path / "results.json").read_text()
-    assert '"DINO"' in saved and "tiny base" in saved
-    assert len(evaluate.metrics_bar_chart([result]).axes[0].patches) == 2 * len(evaluate.METRICS)
+    assert '"DINO"' in saved and "copies of the photos" in saved
+    # One bar per metric for our run and for each of the two default paper rows.
+    assert len(evaluate.metrics_bar_chart([result]).axes[0].patches) == 3 * len(evaluate.METRICS)
     assert len(evaluate.prompt_grid_figure(result).axes) == 3  # two prompts + the class prompt
 
 
 def test_full_backbones_offline_fail_with_a_clear_error():
     with pytest.raises(ModelSourceError, match="dino-vits16"):
         evaluate.load_backbones(tiny=False, device="cpu")
+
+
+def test_evaluate_command_scores_a_tiny_trained_run(tmp_path, capsys, no_lpips):
+    import json
+
+    from dreambooth_lib.cli import main
+    from dreambooth_lib.train import TrainConfig, train
+
+    subject = SUBJECTS / "dog"
+    config = TrainConfig.preset(
+        "tiny-cpu",
+        instance_dir=str(subject),
+        max_steps=1,
+        with_prior_preservation=False,
+        num_validation_images=1,
+        output_dir=str(tmp_path / "tiny-run"),
+    )
+    run_dir = train(config).run_dir
+    out = tmp_path / "evaluation"
+    argv = ["evaluate", str(run_dir), "--instance-dir", str(subject), "--class-noun", "dog", "--identifier", "sks"]
+    argv += ["--images-per-prompt", "2", "--prompts", "2", "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+
+    printed = capsys.readouterr().out
+    assert "calibration, real images against each other: DINO" in printed
+    assert "| tiny-run " in printed and "| DreamBooth SD (paper)" in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert [run["name"] for run in saved["runs"]] == ["tiny-run"]
+    assert set(saved["runs"][0]["scores"]) == set(evaluate.METRICS)
+    assert saved["runs"][0]["prompts"] == ["a sks dog in the jungle", "a sks dog in the snow"]
+    assert saved["paper"]["DreamBooth SD (paper)"]["CLIP-T"] == 0.305
+    assert (out / "metrics.png").stat().st_size > 0 and (out / "tiny-run-grid.png").stat().st_size > 0
