@@ -289,10 +289,8 @@ def lpips_available() -> bool:
     return True
 
 
-def _lpips_diversity(images: Sequence[Image.Image], device: torch.device) -> float:
-    import lpips
-
-    metric = lpips.LPIPS(net="alex", verbose=False).to(device)
+def _lpips_diversity(metric: torch.nn.Module, images: Sequence[Image.Image], device: torch.device) -> float:
+    """Mean LPIPS distance over the distinct pairs of `images` (0 = identical; larger = perceptually further apart)."""
     # LPIPS reads images in [-1, 1].
     pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images])
     pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1.0).to(device)
@@ -314,7 +312,12 @@ def diversity_score(backbones: Backbones, images_by_prompt: dict[str, Sequence[I
     if not groups or any(len(images) < 2 for images in groups):
         raise ValueError("diversity needs at least two images per prompt: raise images_per_prompt.")
     if lpips_available():
-        return float(np.mean([_lpips_diversity(images, backbones.device) for images in groups])), "LPIPS (AlexNet)"
+        import lpips
+
+        # The paper's "LPIPS" DIV: higher = more diverse, so it is read as LPIPS *distance* between same-prompt images.
+        metric = lpips.LPIPS(net="alex", verbose=False).to(backbones.device)
+        values = [_lpips_diversity(metric, images, backbones.device) for images in groups]
+        return float(np.mean(values)), "LPIPS (AlexNet)"
     values = [1.0 - mean_pairwise_cosine(e, e, exclude_self=True) for e in map(backbones.embed_dino, groups)]
     return float(np.mean(values)), "1 - DINO similarity (fallback: lpips not importable)"
 
