@@ -160,6 +160,11 @@ class TrainConfig:
             raise ConfigError(f"lr_warmup_steps={self.lr_warmup_steps} exceeds max_steps={self.max_steps}.")
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise ConfigError(f"use_8bit_adam applies to optimizer='adamw', not {self.optimizer!r}: turn one off.")
+        if self.cache_latents and not self.center_crop:
+            raise ConfigError(
+                "cache_latents=True needs center_crop=True (random crops change every step, so their latents cannot "
+                "be computed once): turn one of them off."
+            )
         if self.use_dora and not self.use_lora:
             raise ConfigError("use_dora=True needs use_lora=True (DoRA is a kind of LoRA).")
         if device is not None:

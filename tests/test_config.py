@@ -55,6 +55,7 @@ def test_t4_presets_use_the_memory_savers():
         ({"validation_prompts": "a dog"}, "validation_prompts must be a list of strings"),
         ({"lr_warmup_steps": 500, "max_steps": 100}, "lr_warmup_steps=500 exceeds max_steps=100"),
         ({"use_dora": True}, "use_dora=True needs use_lora=True"),
+        ({"center_crop": False}, "cache_latents=True needs center_crop=True"),
         ({"instance_prompt": " "}, "instance_prompt is empty"),
     ],
 )
