@@ -65,7 +65,7 @@ def test_vae_warm_up_lowers_reconstruction_error():
     losses = warm_up_vae(vae, pixels, steps=40, progress=False)
     after = reconstruction_error(vae, pixels)
     assert len(losses) == 40 and not vae.training
-    # Random weights output a flat grey-ish image (error ~0.4); 40 steps on two photos must at least halve that.
+    # Random weights output a texture that ignores the input (error ~0.3-0.45); 40 steps on two photos halve that.
     assert before > 0.2 and after < 0.5 * before
 
 
