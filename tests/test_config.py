@@ -22,7 +22,8 @@ def test_every_field_has_help_and_a_simple_type_for_forms():
 
 
 def test_required_presets_exist_and_validate():
-    for name in ("tiny-cpu", "sd15-full-t4", "sd15-lora", "sdxl-lora-t4", "seed-sd15", "seed-sdxl-lora"):
+    names = ("tiny-cpu", "sd15-full-t4", "sd15-full-fast", "sd15-lora", "sdxl-lora-t4", "sdxl-lora-fast")
+    for name in (*names, "seed-sd15", "seed-sdxl-lora"):
         assert PRESETS[name].validate() is PRESETS[name]
 
 
@@ -38,6 +39,18 @@ def test_t4_presets_use_the_memory_savers():
     assert "fp16-fix" in sdxl.vae
     full = PRESETS["sd15-full-t4"]
     assert full.train_text_encoder and full.with_prior_preservation and not full.use_lora
+
+
+@pytest.mark.parametrize(("t4", "fast"), [("sd15-full-t4", "sd15-full-fast"), ("sdxl-lora-t4", "sdxl-lora-fast")])
+def test_fast_presets_train_the_t4_recipe_without_the_memory_savers(t4, fast):
+    savers = {"mixed_precision", "use_8bit_adam", "gradient_checkpointing"}
+    t4_settings, fast_settings = PRESETS[t4].to_dict(), PRESETS[fast].to_dict()
+    assert {key for key in t4_settings if t4_settings[key] != fast_settings[key]} == savers
+    assert (PRESETS[fast].mixed_precision, PRESETS[fast].use_8bit_adam, PRESETS[fast].gradient_checkpointing) == (
+        "bf16",
+        False,
+        False,
+    )
 
 
 @pytest.mark.parametrize(
