@@ -1,0 +1,106 @@
+"""What the benchmarks share: the machine they ran on, peak memory, fresh worker processes, full-size random models.
+
+Each measured loop runs in a fresh Python process, so one loop's allocator cache, peak-memory counters and warm
+kernels never leak into the next one's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+GIB = 2**30
+
+
+def machine() -> dict:
+    """Where a measurement ran: the device, the CPU, the library versions and the date."""
+    versions = {name: metadata.version(name) for name in ("torch", "diffusers", "transformers", "accelerate", "peft")}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = f"{props.name}, {props.total_memory / GIB:.0f} GiB"
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
+    return {"device": device, "python": platform.python_version(), **versions, "date": time.strftime("%Y-%m-%d")}
+
+
+def reset_peak_memory() -> None:
+    """Start the CUDA peak counter afresh (the CPU's max RSS cannot be reset: hence one process per loop)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> tuple[float, str]:
+    """(GiB, what was measured): PyTorch's CUDA max allocated on a GPU, else the process's max resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / GIB, "CUDA max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "CPU max RSS"  # Linux reports KiB
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a timestamp means the work before it has finished."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_durations(stamps: list[float], warmup: int) -> list[float]:
+    """Seconds of each step after the first `warmup` steps, from the timestamps taken as each step ended."""
+    if warmup < 1 or len(stamps) <= warmup:
+        raise ValueError(f"need at least one warm-up step and one measured step; got {len(stamps)} for {warmup=}")
+    measured = stamps[warmup - 1 :]
+    return [later - earlier for earlier, later in zip(measured[:-1], measured[1:], strict=True)]
+
+
+def run_worker(script: Path, arguments: list[str], timeout: float) -> dict:
+    """Run `script --result FILE arguments...` in a fresh interpreter and return the JSON it wrote to FILE.
+
+    The worker's output streams through, so its progress bars show; a failed worker raises with its exit status.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "result.json"
+        command = [sys.executable, str(script), "--result", str(result), *arguments]
+        completed = subprocess.run(command, timeout=timeout, check=False)
+        if completed.returncode != 0:
+            raise RuntimeError(f"benchmark worker failed (exit {completed.returncode}): {' '.join(command)}")
+        return json.loads(result.read_text())
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def random_model_folder(kind: str, root: Path) -> Path:
+    """A diffusers folder of the full-size `kind` architecture with random weights (fp16), written once under `root`.
+
+    Built on the GPU when there is one (seconds instead of minutes for SDXL's 2.6 B parameters). SDXL's VAE is marked
+    like the fp16-fix VAE that the presets name (`force_upcast` off): the same architecture, trusted in fp16.
+    """
+    from dreambooth_lib.models import full_size_components, save_components
+
+    folder = root / f"random-{kind}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    components = full_size_components(kind, device=device, dtype=torch.float16)
+    if kind == "sdxl":
+        components.vae.register_to_config(force_upcast=False)
+    save_components(components, folder)
+    return folder
