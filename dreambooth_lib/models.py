@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -212,6 +214,139 @@ def tiny_components(kind: Kind = "sd", seed: int = 0) -> Components:
         text_encoder=text_encoder,
         vae=_tiny_vae(kind, seed + 2),
         unet=_tiny_unet(kind, cross_attention_dim, pooled_dim, seed + 3),
+        noise_scheduler=sd15_noise_scheduler(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Full-size architectures with random weights: the published configs of SD 1.5 and SDXL base 1.0, written out here so
+# benchmarks can build (and count, on the "meta" device) the real models without a download.
+
+
+def _sd15_unet_config() -> dict:
+    """stable-diffusion-v1-5's unet/config.json."""
+    return dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def _sdxl_unet_config() -> dict:
+    """stable-diffusion-xl-base-1.0's unet/config.json: three levels, 1/2/10 transformer layers, micro-conditioning."""
+    return dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 1280 pooled text + 6 size/crop numbers x 256
+        norm_num_groups=32,
+    )
+
+
+def _full_vae_config(kind: Kind) -> dict:
+    """The SD VAE (SDXL's has the same shape, retrained, with another latent scale)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=NATIVE_RESOLUTION[kind],
+        scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
+    )
+
+
+def _clip_text_config(*, hidden_size: int, layers: int, heads: int, hidden_act: str) -> CLIPTextConfig:
+    """A CLIP text transformer as the pipelines' text_encoder*/config.json describe it (token ids as published)."""
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        projection_dim=hidden_size,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Create parameters in `dtype` from the start (SDXL in fp32 and then cast would need twice the memory)."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def full_size_components(
+    kind: Kind = "sd", *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0
+) -> Components:
+    """The real SD 1.5 or SDXL base 1.0 architecture with random weights, built directly on `device`.
+
+    For measuring, not sampling: the weights are PyTorch's default initialisation. On the "meta" device the modules
+    hold no memory (for counting parameters); on "cuda" they are built in seconds. The bundle saves with
+    `save_components` and loads back with `load_components` like a downloaded model.
+
+    Args:
+        kind: "sd" (SD 1.5: CLIP ViT-L/14 text encoder) or "sdxl" (adds OpenCLIP ViT-bigG/14 with projection).
+        device: where the parameters are created.
+        dtype: their dtype (default: torch's default, float32).
+        seed: seed of the random initialisation.
+    """
+    if kind not in ("sd", "sdxl"):
+        raise ValueError(f"kind={kind!r}: use 'sd' (SD 1.x/2.x) or 'sdxl'.")
+    torch.manual_seed(seed)
+    vit_l = _clip_text_config(hidden_size=768, layers=12, heads=12, hidden_act="quick_gelu")
+    with torch.device(device), _default_dtype(dtype):
+        text_encoder = CLIPTextModel(vit_l)
+        vae = AutoencoderKL(**_full_vae_config(kind))
+        tokenizer_2 = text_encoder_2 = None
+        if kind == "sdxl":
+            bigg = _clip_text_config(hidden_size=1280, layers=32, heads=20, hidden_act="gelu")
+            text_encoder_2 = CLIPTextModelWithProjection(bigg)
+            tokenizer_2 = load_tokenizer(pad_token="!")
+            unet = UNet2DConditionModel(**_sdxl_unet_config())
+        else:
+            unet = UNet2DConditionModel(**_sd15_unet_config())
+    for module in (text_encoder, vae, unet, text_encoder_2):
+        if module is not None:
+            module.eval()
+    return Components(
+        kind=kind,
+        source=f"random {kind} architecture",
+        tokenizer=load_tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
         noise_scheduler=sd15_noise_scheduler(),
         tokenizer_2=tokenizer_2,
         text_encoder_2=text_encoder_2,
