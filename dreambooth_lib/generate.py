@@ -22,6 +22,9 @@ def generate(
 ) -> list[Image.Image]:
     """Generate `num_images` images of `prompt`; image i always uses seed `seed + i`.
 
+    The same seed gives the same image whatever the batch size, up to float rounding (a batched matrix product may
+    round a last bit differently, which can move a pixel by one level).
+
     `resolution` defaults to the pipeline's native size (the UNet's sample size times the VAE's scale factor).
     """
     if num_images < 1 or batch_size < 1:

@@ -81,7 +81,12 @@ def test_generation_is_repeatable_per_seed(tiny_sd):
     pipeline = build_pipeline(tiny_sd)
     a = generate(pipeline, "a dog", num_images=3, seed=5, num_inference_steps=2, batch_size=2, progress=False)
     b = generate(pipeline, "a dog", num_images=1, seed=6, num_inference_steps=2, progress=False)
-    assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))
+    same_seed = np.abs(np.asarray(a[1]).astype(int) - np.asarray(b[0]))
+    other_seed = np.abs(np.asarray(a[0]).astype(int) - np.asarray(b[0]))
+    # The same image up to float rounding: a batch of two can round a product's last bit differently from a batch of
+    # one on some CPUs (seen on AMD EPYC: one pixel in 10,000 off by one level); another seed differs everywhere.
+    assert same_seed.max() <= 1 and (same_seed > 0).mean() < 1e-3
+    assert other_seed.mean() > 10
     assert a[0].size == (64, 64)
 
 
