@@ -1,26 +1,38 @@
 """How much GPU memory a DreamBooth run needs: an analytic estimate from the settings, before anything loads.
 
-Peak memory = weights + gradients + optimiser state + activations, each counted from the model family's parameter
-counts and the settings of a `TrainConfig`. The assumptions, in one place:
+Peak memory = weights + gradients + optimiser state + autocast's weight copies + activations, each counted from the
+model family's parameter counts and the settings of a `TrainConfig`. The assumptions, in one place:
 
 - **Weights.** Trained weights are kept in fp32 (master weights; fp16 trainable weights break the gradient scaler),
-  frozen ones in the compute precision (2 bytes under fp16/bf16 mixed precision, 4 bytes without).
+  the frozen UNet and text encoders in the compute precision (2 bytes under fp16/bf16 mixed precision, 4 bytes
+  without). The VAE stays in fp32 unless its config allows 16 bits, as only SDXL's fp16-fix VAE's does (train.py's
+  rule: `force_upcast`).
 - **Gradients.** One fp32 gradient per trained parameter.
 - **Optimiser state.** AdamW keeps two fp32 moments (8 bytes per trained parameter), 8-bit AdamW two 8-bit moments
   (2 bytes, Dettmers et al. 2022), Prodigy four fp32 tensors (moments, its `s` and the initial weights: 16 bytes).
 - **LoRA.** Only the adapters train: rank x (inputs + outputs) parameters per adapted layer (Hu et al. 2021), on the
   UNet's attention projections (to_q, to_k, to_v, to_out) and, with the text encoder, its q/k/v/out projections. The
   base weights count as frozen.
-- **Activations.** A per-image figure at the family's native resolution for 16-bit compute with PyTorch's
-  memory-efficient attention (so linear in the number of latent pixels), times the images per micro-batch
-  (`train_batch_size`, doubled by prior preservation), times (resolution / native)^2; twice that in fp32, and a
-  quarter of it with gradient checkpointing (only block inputs are kept; each block is recomputed in backward).
-  These per-image figures are the rough part of the estimate; the benchmarks measure the real peaks.
-- Not counted: the CUDA context (about 0.3-0.5 GiB outside PyTorch's allocator), allocator fragmentation, and
+- **Weight copies.** Under mixed precision autocast casts each fp32 trained weight to 16 bits and keeps the copy until
+  the forward ends (backward keeps the ones it needs until it has used them): 2 bytes per trained parameter (measured:
+  1.60 GiB for the SD 1.5 UNet's 860 M parameters, 4.78 GiB for SDXL's 2.6 B).
+- **Activations.** What the forward keeps for backward, per image at the family's native resolution, measured by
+  `benchmarks/activation_memory.py` on 2026-11-29 (see `ActivationSizes`): 16-bit autocast with CUDA's fp32
+  normalisation layers, PyTorch's fused attention, a margin for backward's own transient tensors and, with gradient
+  checkpointing, the block being recomputed. Times the images per micro-batch (`train_batch_size`, doubled by prior
+  preservation) and (resolution / native)^2: the measured figures are linear in both to within 3% (SD 1.5 at 256-768
+  px, SDXL at 512-1024 px). Without mixed precision, `FP32_ACTIVATION_FACTOR` times as much. Trained text encoders
+  add their own activations per prompt.
+- **Sum.** The parts are added up. With gradient accumulation the gradients of earlier micro-batches do live through
+  the next forward; in a single-batch step backward frees activations as it creates gradients, so the sum is an upper
+  bound there.
+- Not counted: the CUDA context (about 0.3-0.5 GiB outside PyTorch's allocator), kernel workspaces and allocator
+  fragmentation (`MemoryEstimate.fits` keeps 1 GiB free for these), encoding the latent cache before training, and
   sampling validation images.
 
 Parameter counts are those of SD 1.5 and SDXL base 1.0 (SD 2.x is within a few percent of SD 1.5 in UNet size, its
-text encoder is larger); the tiny components are counted from the real tiny modules.
+text encoder is larger), checked against `models.full_size_components`; the tiny components are counted from the real
+tiny modules.
 """
 
 from __future__ import annotations
@@ -35,8 +47,31 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
+class ActivationSizes:
+    """GiB the forward keeps for backward per image, at the family's native resolution under 16-bit autocast.
+
+    Full fine-tuning saves the inputs of every trained layer; LoRA saves less where the frozen base needs no input
+    kept. With gradient checkpointing, the blocks' inputs, the layers between blocks and the one block recomputed.
+    """
+
+    full: float
+    full_checkpointed: float
+    lora: float
+    lora_checkpointed: float
+    text_encoders: float  # per prompt, when the text encoder(s) are trained
+
+    def per_image(self, config: TrainConfig) -> float:
+        """The UNet's figure for the config's training mode and checkpointing, plus trained text encoders'."""
+        if config.use_lora:
+            unet = self.lora_checkpointed if config.gradient_checkpointing else self.lora
+        else:
+            unet = self.full_checkpointed if config.gradient_checkpointing else self.full
+        return unet + (self.text_encoders if config.train_text_encoder else 0.0)
+
+
+@dataclass(frozen=True)
 class FamilySize:
-    """Parameter counts of one model family, and the numbers the activation estimate scales from."""
+    """Parameter counts of one model family, and the activation figures the estimate scales from."""
 
     unet: int
     text_encoders: tuple[int, ...]
@@ -44,12 +79,14 @@ class FamilySize:
     unet_lora_per_rank: int  # sum of (inputs + outputs) over the UNet's attention projections
     text_lora_per_rank: tuple[int, ...]  # the same over each text encoder's q/k/v/out projections
     native_resolution: int
-    activation_gib_per_image: float  # 16-bit compute, no gradient checkpointing, native resolution
+    activations: ActivationSizes
 
 
 # UNet and VAE counts: the diffusers models built from the published configs; text encoders: CLIP ViT-L/14 (SD 1.5,
 # SDXL's first) and OpenCLIP ViT-bigG/14 with projection (SDXL's second). LoRA sums: 12 layers x 4 projections x
-# (768 + 768) for ViT-L, 32 x 4 x (1280 + 1280) for bigG.
+# (768 + 768) for ViT-L, 32 x 4 x (1280 + 1280) for bigG. Activations: `python benchmarks/activation_memory.py`,
+# 2026-11-29, every figure at its own native resolution (512 px SD 1.5, 1024 px SDXL), nothing extrapolated; results in
+# benchmarks/results/activation_memory.json.
 FAMILIES: dict[str, FamilySize] = {
     "sd": FamilySize(
         unet=859_520_964,
@@ -58,7 +95,9 @@ FAMILIES: dict[str, FamilySize] = {
         unet_lora_per_rank=199_296,
         text_lora_per_rank=(73_728,),
         native_resolution=512,
-        activation_gib_per_image=3.0,
+        activations=ActivationSizes(
+            full=1.22, full_checkpointed=0.32, lora=1.12, lora_checkpointed=0.30, text_encoders=0.04
+        ),
     ),
     "sdxl": FamilySize(
         unet=2_567_463_684,
@@ -67,14 +106,31 @@ FAMILIES: dict[str, FamilySize] = {
         unet_lora_per_rank=1_451_520,
         text_lora_per_rank=(73_728, 327_680),
         native_resolution=1024,
-        activation_gib_per_image=12.0,
+        activations=ActivationSizes(
+            full=8.23, full_checkpointed=1.02, lora=7.34, lora_checkpointed=0.92, text_encoders=0.20
+        ),
     ),
 }
+# The tiny UNets at 64 px, from the same script's real-tensor cross-check (the larger of tiny SD and tiny SDXL).
+TINY_ACTIVATIONS = ActivationSizes(
+    full=0.0012, full_checkpointed=0.00031, lora=0.0012, lora_checkpointed=0.0003, text_encoders=0.0
+)
+# fp32 activations over 16-bit ones: 1.43-1.75x measured across families, modes and checkpointing (the largest here).
+# Not 2x: CUDA autocast already keeps normalisation layers, and the tensors they save, in fp32.
+FP32_ACTIVATION_FACTOR = 1.75
 
 OPTIMIZER_BYTES = {"adamw": 8, "adamw-8bit": 2, "prodigy": 16}
-CHECKPOINTING_FACTOR = 0.25
 # Cards people train DreamBooth on, by the memory they offer (GiB).
 REFERENCE_GPUS: dict[str, float] = {"T4": 15.0, "A100 40 GB": 40.0}
+# What `fits` leaves free: the CUDA context, kernel workspaces, allocator fragmentation.
+RESERVE_GIB = 1.0
+
+
+class MemoryWarning(UserWarning):
+    """The estimated peak memory of a run exceeds the GPU's.
+
+    A UserWarning, not a ResourceWarning: Python hides ResourceWarnings by default, and this one is meant to be seen.
+    """
 
 
 @dataclass(frozen=True)
@@ -85,24 +141,28 @@ class MemoryEstimate:
     gradients: float
     optimizer_states: float
     activations: float
+    weight_copies: float = 0.0  # autocast's 16-bit copies of the trained weights
+
+    @property
+    def static(self) -> float:
+        """What lives across steps: weights, gradients and optimiser state."""
+        return self.weights + self.gradients + self.optimizer_states
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer_states + self.activations
+        return self.static + self.weight_copies + self.activations
 
     def fits(self, device_gib: float) -> bool:
-        """Whether the estimate leaves ~1 GiB of the card free for the CUDA context and fragmentation."""
-        return self.total <= device_gib - 1.0
+        """Whether the estimate leaves `RESERVE_GIB` of the card free for the CUDA context and fragmentation."""
+        return self.total <= device_gib - RESERVE_GIB
 
     def __str__(self) -> str:
         # Tiny runs need megabytes: show MiB so their figures are not all 0.0.
         scale, unit = (1, "GiB") if self.total >= 1 else (1024, "MiB")
-        parts = {
-            "weights": self.weights,
-            "gradients": self.gradients,
-            "optimiser": self.optimizer_states,
-            "activations": self.activations,
-        }
+        parts = {"weights": self.weights, "gradients": self.gradients, "optimiser": self.optimizer_states}
+        if self.weight_copies:  # only under mixed precision
+            parts["16-bit weight copies"] = self.weight_copies
+        parts["activations"] = self.activations
         detail = ", ".join(f"{name} {value * scale:.1f}" for name, value in parts.items())
         return f"~{self.total * scale:.1f} {unit} peak (estimate): {detail}"
 
@@ -135,7 +195,7 @@ def _tiny_family(kind: str) -> FamilySize:
             lora_sum(encoder, ("q_proj", "k_proj", "v_proj", "out_proj")) for encoder in components.text_encoders
         ),
         native_resolution=64,
-        activation_gib_per_image=0.002,
+        activations=TINY_ACTIVATIONS,
     )
 
 
@@ -144,32 +204,82 @@ def family_size(config: TrainConfig) -> FamilySize:
     return _tiny_family(config.kind) if config.model == "tiny" else FAMILIES[config.kind]
 
 
+def _vae_bytes(config: TrainConfig, compute_bytes: int) -> int:
+    """Bytes per VAE parameter: 16-bit only for the fp16-fix VAE, named in the settings or loaded with the default
+    SDXL model (a local folder holding it counts as fp32: an over-estimate of 0.16 GiB)."""
+    from dreambooth_lib.models import DEFAULT_MODELS, SDXL_FP16_VAE
+
+    fp16_fix = config.vae == SDXL_FP16_VAE or (config.vae is None and config.model == DEFAULT_MODELS["sdxl"])
+    return compute_bytes if fp16_fix else 4
+
+
+def trained_parameters(config: TrainConfig) -> int:
+    """How many parameters the optimiser updates: the UNet (and text encoders), or their LoRA adapters."""
+    size = family_size(config)
+    if config.use_lora:
+        per_rank = size.unet_lora_per_rank + (sum(size.text_lora_per_rank) if config.train_text_encoder else 0)
+        return config.lora_rank * per_rank
+    return size.unet + (sum(size.text_encoders) if config.train_text_encoder else 0)
+
+
 def estimate_memory_gib(config: TrainConfig) -> MemoryEstimate:
     """Estimate the peak GPU memory of training with `config` (see the module docstring for the assumptions)."""
     size = family_size(config)
-    frozen_bytes = 4 if config.mixed_precision == "no" else 2
-    text_total = sum(size.text_encoders)
-    if config.use_lora:
-        trained = config.lora_rank * size.unet_lora_per_rank
-        if config.train_text_encoder:
-            trained += config.lora_rank * sum(size.text_lora_per_rank)
-        frozen = size.unet + text_total + size.vae
-    else:
-        trained = size.unet + (text_total if config.train_text_encoder else 0)
-        frozen = size.vae + (0 if config.train_text_encoder else text_total)
+    mixed = config.mixed_precision != "no"
+    compute_bytes = 2 if mixed else 4
+    trained = trained_parameters(config)
+    # LoRA freezes the whole base; full fine-tuning freezes the text encoders unless it trains them.
+    frozen_text = 0 if config.train_text_encoder and not config.use_lora else sum(size.text_encoders)
+    frozen = frozen_text + (size.unet if config.use_lora else 0)
+    frozen_bytes = compute_bytes * frozen + _vae_bytes(config, compute_bytes) * size.vae
     optimizer = "adamw-8bit" if config.use_8bit_adam else config.optimizer
 
     images = config.train_batch_size * (2 if config.with_prior_preservation else 1)
-    activations = size.activation_gib_per_image * images * (config.resolution / size.native_resolution) ** 2
-    if config.mixed_precision == "no":
-        activations *= 2
-    if config.gradient_checkpointing:
-        activations *= CHECKPOINTING_FACTOR
+    activations = size.activations.per_image(config) * images * (config.resolution / size.native_resolution) ** 2
+    if not mixed:
+        activations *= FP32_ACTIVATION_FACTOR
     return MemoryEstimate(
-        weights=(4 * trained + frozen_bytes * frozen) / GIB,
+        weights=(4 * trained + frozen_bytes) / GIB,
         gradients=4 * trained / GIB,
         optimizer_states=OPTIMIZER_BYTES[optimizer] * trained / GIB,
         activations=activations,
+        weight_copies=(2 * trained if mixed else 0) / GIB,
+    )
+
+
+def _savers(config: TrainConfig) -> dict[str, TrainConfig]:
+    """Settings that lower the estimate and are not on yet, each as the changed config (named as the user sets it)."""
+    options: dict[str, TrainConfig] = {}
+    if config.mixed_precision == "no":
+        options["mixed_precision='fp16'"] = config.replace(mixed_precision="fp16")
+    if not config.gradient_checkpointing:
+        options["gradient_checkpointing=True"] = config.replace(gradient_checkpointing=True)
+    if config.optimizer == "adamw" and not config.use_8bit_adam:
+        options["use_8bit_adam=True"] = config.replace(use_8bit_adam=True)
+    if not config.use_lora:
+        options["use_lora=True"] = config.replace(use_lora=True)
+    if config.train_batch_size > 1:
+        steps = config.train_batch_size * config.gradient_accumulation_steps
+        name = f"train_batch_size=1 with gradient_accumulation_steps={steps}"  # the same images per optimiser step
+        options[name] = config.replace(train_batch_size=1, gradient_accumulation_steps=steps)
+    smaller = config.resolution * 3 // 4 // 64 * 64  # a quarter smaller, rounded down to a multiple of 64 px
+    if smaller >= 256:
+        options[f"resolution={smaller}"] = config.replace(resolution=smaller)
+    return options
+
+
+def fit_warning(config: TrainConfig, device_gib: float) -> str | None:
+    """A message when the estimated peak does not fit a card of `device_gib` GiB, naming what would bring it down;
+    None when it fits."""
+    estimate = estimate_memory_gib(config)
+    if estimate.fits(device_gib):
+        return None
+    savings = {name: estimate.total - estimate_memory_gib(changed).total for name, changed in _savers(config).items()}
+    helpful = [f"{name} (-{saved:.1f} GiB)" for name, saved in savings.items() if saved >= 0.05]
+    advice = f" Settings that lower it: {'; '.join(helpful)}." if helpful else ""
+    return (
+        f"This run may not fit the GPU ({device_gib:.1f} GiB, of which ~{RESERVE_GIB:.0f} GiB goes to the CUDA context "
+        f"and fragmentation): {estimate}.{advice} The estimate is approximate; the run may still fit."
     )
 
 
@@ -179,7 +289,8 @@ def memory_table(configs: Mapping[str, TrainConfig], gpus: Mapping[str, float] =
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, config in configs.items():
         estimate = estimate_memory_gib(config)
-        static = estimate.weights + estimate.gradients + estimate.optimizer_states
+        # 16-bit weight copies are weights too: in the static column, so the two columns add up to the total.
+        static = estimate.static + estimate.weight_copies
         fits = ["fits" if estimate.fits(gib) else "no" for gib in gpus.values()]
         cells = [name, f"{estimate.total:.1f} GiB", f"{static:.1f} GiB", f"{estimate.activations:.1f} GiB", *fits]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,12 +1,29 @@
 """The memory estimate: the model families' sizes, the static part against live tensors, and the fit warning."""
 
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from dreambooth_lib.memory import FAMILIES
-from dreambooth_lib.models import build_pipeline, full_size_components
+from dreambooth_lib.config import PRESETS, TrainConfig
+from dreambooth_lib.memory import (
+    FAMILIES,
+    FP32_ACTIVATION_FACTOR,
+    GIB,
+    MemoryWarning,
+    estimate_memory_gib,
+    fit_warning,
+    trained_parameters,
+)
+from dreambooth_lib.models import build_pipeline, full_size_components, tiny_components
+from dreambooth_lib.train import _make_optimizer, _set_up_trainable
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def count(module: torch.nn.Module) -> int:
@@ -62,3 +79,120 @@ def test_full_size_components_make_a_pipeline_and_their_configs_round_trip(full_
         model_class = CLIPTextModelWithProjection if index == 1 else CLIPTextModel
         with torch.device("meta"):
             assert count(model_class(config)) == count(encoder)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The static part against live tensors
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def live_static_gib(components, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """What a set-up really holds between steps: every module's weights, the gradients and the optimiser state."""
+    modules = (components.unet, components.vae, *components.text_encoders)
+    parameters = list({id(p): p for module in modules for p in module.parameters()}.values())
+    state = [value for values in optimizer.state.values() for value in values.values() if torch.is_tensor(value)]
+    return {
+        "weights": tensor_bytes(parameters) / GIB,
+        "gradients": tensor_bytes(p.grad for p in parameters if p.grad is not None) / GIB,
+        "optimizer_states": tensor_bytes(state) / GIB,
+    }
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(train_text_encoder=True, mixed_precision="no"),
+        dict(train_text_encoder=True, mixed_precision="bf16"),
+        dict(train_text_encoder=False, mixed_precision="bf16", optimizer="prodigy", learning_rate=1.0),
+        dict(use_lora=True, lora_rank=4, train_text_encoder=False, mixed_precision="no"),
+        dict(use_lora=True, lora_rank=8, train_text_encoder=True, mixed_precision="bf16"),
+    ],
+    ids=["full+text-fp32", "full+text-bf16", "full-prodigy-bf16", "lora-fp32", "lora+text-bf16"],
+)
+def test_static_estimate_matches_the_tensors_training_sets_up(kind, overrides):
+    """Weights, gradients and optimiser state as train.py creates them (8-bit Adam needs CUDA: not here)."""
+    config = TrainConfig.preset("tiny-cpu", kind=kind, **overrides)
+    components = tiny_components(kind)
+    weight_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    trainable = _set_up_trainable(components, config, weight_dtype, torch.device("cpu"))
+    optimizer = _make_optimizer(config, trainable, components)
+    for parameter in trainable:
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()  # creates the optimiser's state
+    estimate = estimate_memory_gib(config)
+    live = live_static_gib(components, optimizer)
+    assert trained_parameters(config) == sum(p.numel() for p in trainable)
+    for part, value in live.items():
+        assert getattr(estimate, part) == pytest.approx(value, rel=0.01), part
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Activations: the benchmark's figures
+
+
+def test_activation_figures_are_the_benchmarks_rounded_up():
+    results = json.loads((REPO / "benchmarks" / "results" / "activation_memory.json").read_text())
+    for kind, measured in results["summary"].items():
+        sizes = FAMILIES[kind].activations
+        pairs = {
+            "full": (sizes.full, measured["full"]["per_image_gib"]),
+            "full checkpointed": (sizes.full_checkpointed, measured["full"]["checkpointed_per_image_gib"]),
+            "lora": (sizes.lora, measured["lora"]["per_image_gib"]),
+            "lora checkpointed": (sizes.lora_checkpointed, measured["lora"]["checkpointed_per_image_gib"]),
+            "text encoders": (sizes.text_encoders, measured["text_encoder_per_prompt_gib"]),
+        }
+        for name, (used, benchmark) in pairs.items():
+            assert benchmark <= used <= benchmark + 0.01, (kind, name)
+        factors = [
+            measured[training][key]
+            for training in ("full", "lora")
+            for key in ("fp32_factor", "fp32_checkpointed_factor")
+        ]
+        assert max(factors) <= FP32_ACTIVATION_FACTOR
+    scaling = [row["relative_to_native"] for row in results["scaling"]]
+    assert all(abs(ratio - 1) < 0.03 for ratio in scaling), "activations are no longer linear in pixels and images"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The fit warning
+
+
+def test_fit_warning_is_none_when_the_run_fits():
+    assert fit_warning(PRESETS["sd15-full-t4"], 15.0) is None
+    assert fit_warning(PRESETS["sdxl-lora-t4"], 15.0) is None
+
+
+def test_fit_warning_names_the_peak_the_card_and_only_the_savers_not_on_yet():
+    fast = PRESETS["sd15-full-fast"]  # bf16, AdamW, no checkpointing: meant for 40 GB cards
+    message = fit_warning(fast, 15.0)
+    assert f"~{estimate_memory_gib(fast).total:.1f} GiB peak" in message and "(15.0 GiB" in message
+    for saver in ("gradient_checkpointing=True", "use_8bit_adam=True", "use_lora=True", "resolution=384"):
+        assert saver in message
+    assert "mixed_precision" not in message and "train_batch_size" not in message
+    # The T4 preset on an 8 GiB card: checkpointing and 8-bit Adam are on already.
+    message = fit_warning(PRESETS["sd15-full-t4"], 8.0)
+    assert "use_lora=True" in message
+    assert "gradient_checkpointing" not in message and "use_8bit_adam" not in message
+    # Each saver comes with what it saves, and batches become accumulation.
+    message = fit_warning(PRESETS["sdxl-lora-fast"].replace(train_batch_size=2), 15.0)
+    assert "train_batch_size=1 with gradient_accumulation_steps=8 (-7.3 GiB)" in message
+
+
+@pytest.fixture
+def fake_15_gib_gpu(monkeypatch):
+    """torch.cuda reports a 15 GiB card (the tests run without one)."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=15 * GIB))
+
+
+def test_validate_warns_on_a_cuda_device_when_the_run_does_not_fit(fake_15_gib_gpu):
+    too_big = PRESETS["sd15-full-t4"].replace(use_8bit_adam=False)
+    with pytest.warns(MemoryWarning, match="use_8bit_adam=True"):
+        too_big.validate("cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MemoryWarning)
+        PRESETS["sd15-full-t4"].validate("cuda")
+        too_big.replace(mixed_precision="bf16").validate("cpu")  # no CUDA card to compare with: no warning
