@@ -131,7 +131,8 @@ class TrainConfig:
     def validate(self, device: torch.device | str | None = None) -> TrainConfig:
         """Raise ConfigError naming the first bad field and what it allows; returns self when all is well.
 
-        With `device`, also check that the mixed precision runs there.
+        With `device`, also check that the mixed precision runs there; on a CUDA device, warn (`MemoryWarning`) when
+        the estimated peak memory exceeds the card's.
         """
         hints = get_type_hints(TrainConfig)
         for spec in dataclasses.fields(self):
@@ -168,7 +169,17 @@ class TrainConfig:
         if self.use_dora and not self.use_lora:
             raise ConfigError("use_dora=True needs use_lora=True (DoRA is a kind of LoRA).")
         if device is not None:
-            self._check_device(torch.device(device))
+            device = torch.device(device)
+            self._check_device(device)
+            if device.type == "cuda":
+                import warnings
+
+                from dreambooth_lib.memory import GIB, MemoryWarning, fit_warning  # memory imports this module
+
+                # A warning, not an error: the estimate is approximate, and the user may know better.
+                message = fit_warning(self, torch.cuda.get_device_properties(device).total_memory / GIB)
+                if message:
+                    warnings.warn(message, MemoryWarning, stacklevel=2)
         return self
 
     def _check_device(self, device: torch.device) -> None:
