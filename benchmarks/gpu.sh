@@ -2,10 +2,14 @@
 # The GPU benchmarks in one command, for a CUDA machine that may have no internet (about 10 minutes on an H100/H200).
 #
 #   benchmarks/gpu.sh --fetch-wheels   # where PyPI is reachable: the packages a bare PyTorch image lacks, into .whl/
-#   benchmarks/gpu.sh                  # on the GPU machine: installs .whl/ when present, then measures
+#   benchmarks/gpu.sh [PART ...]       # on the GPU machine: installs .whl/ when present, then measures each PART:
+#       train   train_speed.py --gpu: every preset, ours against the reference loop (sized for ~8 minutes)
+#       class   class_images.py --gpu: class-image throughput, SD 1.5 and SDXL (~2 minutes)
+#       memory  activation_memory.py: real CUDA peaks of one step beside the CPU counts (~3 minutes)
+#     (all three when none is named; where one command may run at most 10 minutes, run `train` alone first)
 #
-# It writes train_speed-gpu.json and class_images-gpu.json to $OUT when set, else to benchmarks/results/, and prints
-# the tables that README.md's speed and memory table is filled from. The machine needs torch, transformers, accelerate
+# It writes PART-gpu.json files to $OUT when set, else to benchmarks/results/, and prints the tables that README.md's
+# speed and memory table is filled from. The machine needs torch, transformers, accelerate
 # and peft; diffusers and bitsandbytes (8-bit Adam of the T4 presets) come from the wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +33,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 results="${OUT:-benchmarks/results}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 benchmarks/train_speed.py --gpu --json "$results/train_speed-gpu.json"
-python3 benchmarks/class_images.py --gpu --json "$results/class_images-gpu.json"
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: run the CPU benchmarks instead')"
+parts=("$@")
+[[ ${#parts[@]} -gt 0 ]] || parts=(train class memory)
+for part in "${parts[@]}"; do
+    case "$part" in
+        train) python3 benchmarks/train_speed.py --gpu --json "$results/train_speed-gpu.json" ;;
+        class) python3 benchmarks/class_images.py --gpu --json "$results/class_images-gpu.json" ;;
+        memory) python3 benchmarks/activation_memory.py --json "$results/activation_memory-gpu.json" ;;
+        *) echo "unknown part '$part': use train, class or memory" >&2; exit 2 ;;
+    esac
+done
