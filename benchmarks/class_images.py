@@ -14,7 +14,6 @@ with random weights: speed does not depend on the weights' values (image quality
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -116,22 +115,10 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--gpu", action="store_true", help="full-size SD 1.5 and SDXL on a CUDA GPU")
-    mode.add_argument("--dry-run", action="store_true", help="the GPU cases on tiny components (CPU)")
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--images", type=int, help="images per generator and case (default: the case's)")
-    parser.add_argument("--json", type=Path, help="where to write the results (default: benchmarks/results/)")
-    parser.add_argument(
-        "--models",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "dreambooth-bench-models",
-        help="where the random full-size model folders are kept between runs (--gpu)",
-    )
     args = parser.parse_args(argv)
-    if args.gpu and not torch.cuda.is_available():
-        parser.error("--gpu needs a CUDA GPU")
-    label = "gpu" if args.gpu else "dry-run" if args.dry_run else "cpu"
+    label = common.mode_label(parser, args)
     report = {"machine": common.machine(), "mode": label, "command": " ".join(sys.argv), "cases": []}
     output = args.json or common.RESULTS / f"class_images-{label}.json"
     threads = torch.get_num_threads()

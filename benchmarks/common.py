@@ -6,6 +6,7 @@ kernels never leak into the next one's figures.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -74,6 +75,29 @@ def run_worker(script: Path, arguments: list[str], timeout: float) -> dict:
         if completed.returncode != 0:
             raise RuntimeError(f"benchmark worker failed (exit {completed.returncode}): {' '.join(command)}")
         return json.loads(result.read_text())
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: the mode (CPU tiny, --gpu, --dry-run), --json and --models."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--gpu", action="store_true", help="the full-size cases on a CUDA GPU")
+    mode.add_argument("--dry-run", action="store_true", help="the GPU cases on tiny components (CPU)")
+    parser.add_argument("--json", type=Path, help="where to write the results (default: benchmarks/results/)")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "dreambooth-bench-models",
+        help="where the random full-size model folders are kept between runs (--gpu)",
+    )
+    return parser
+
+
+def mode_label(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """ "gpu", "dry-run" or "cpu" (the results' file suffix); refuses --gpu without a CUDA GPU."""
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA GPU; on a CPU, --dry-run runs the same cases on tiny components")
+    return "gpu" if args.gpu else "dry-run" if args.dry_run else "cpu"
 
 
 def write_json(path: Path, payload: dict) -> None:

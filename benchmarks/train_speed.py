@@ -215,19 +215,9 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--gpu", action="store_true", help="the full-size cases on a CUDA GPU")
-    mode.add_argument("--dry-run", action="store_true", help="the GPU cases' settings on tiny components (CPU)")
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--cases", help="comma-separated preset names to run (default: all of the mode's)")
     parser.add_argument("--steps", type=int, help="measured steps per case (default: the case's)")
-    parser.add_argument("--json", type=Path, help="where to write the results (default: benchmarks/results/)")
-    parser.add_argument(
-        "--models",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "dreambooth-bench-models",
-        help="where the random full-size model folders are kept between runs (--gpu)",
-    )
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
@@ -239,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         args.result.write_text(json.dumps(result))
         return 0
 
-    if args.gpu and not torch.cuda.is_available():
-        parser.error("--gpu needs a CUDA GPU; on a CPU, --dry-run runs the same cases on tiny components")
+    label = common.mode_label(parser, args)
     cases = GPU_CASES if (args.gpu or args.dry_run) else CPU_CASES
     if args.cases:
         wanted = args.cases.split(",")
@@ -250,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         cases = [case for case in cases if case.preset in wanted]
     if args.steps:
         cases = [Case(case.preset, case.warmup, args.steps) for case in cases]
-    label = "gpu" if args.gpu else "dry-run" if args.dry_run else "cpu"
     started = time.perf_counter()
     report = {"machine": common.machine(), "mode": label, "command": " ".join(sys.argv), "cases": []}
     with tempfile.TemporaryDirectory() as folder:
