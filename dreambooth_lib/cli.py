@@ -127,13 +127,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """A tiny DreamBooth with prior preservation on the sample dog, on any CPU, offline, in about a minute."""
-    from dreambooth_lib.models import TOKENIZER_DIR
+    from dreambooth_lib.assets import data_path
     from dreambooth_lib.train import TrainConfig, train
 
     print(environment_report())
     config = TrainConfig.preset(
         "tiny-cpu",
-        instance_dir=str(TOKENIZER_DIR.parent / "subjects" / "dog"),
+        instance_dir=str(data_path("subjects", "dog")),
         output_dir=args.out,
     )
     if args.steps is not None:

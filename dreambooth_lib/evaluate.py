@@ -32,9 +32,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
+from dreambooth_lib.assets import data_dir
 from dreambooth_lib.environment import default_device, select_mode
 from dreambooth_lib.generate import generate
-from dreambooth_lib.models import TOKENIZER_DIR, _source_error, load_tokenizer
+from dreambooth_lib.models import _source_error, load_tokenizer
 
 # The hub repositories keep safetensors weights on the safetensors bot's pull-request branches, not on main (which
 # holds only pickled .bin files); those refs are pinned so loading never falls back to a pickle.
@@ -43,7 +44,7 @@ DINO_REVISION = "refs/pr/1"
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 CLIP_REVISION = "refs/pr/15"
 
-PROMPTS_FILE = TOKENIZER_DIR.parent / "subjects" / "prompts_and_classes.txt"
+PROMPTS_FILE = data_dir() / "subjects" / "prompts_and_classes.txt"
 # The dataset's nine live subjects are its cats and dogs; every other subject is an object.
 LIVE_CLASSES = ("dog", "cat")
 

@@ -26,6 +26,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from dreambooth_lib.assets import data_dir
+
 Kind = Literal["sd", "sdxl"]
 
 TINY = "tiny"
@@ -38,7 +40,7 @@ SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 # Resolution each family was trained at; tiny components work on 64 px images (8x8 latents).
 NATIVE_RESOLUTION: dict[str, int] = {"sd": 512, "sdxl": 1024, TINY: 64}
 
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "data" / "clip-tokenizer"
+TOKENIZER_DIR = data_dir() / "clip-tokenizer"
 
 
 class ModelSourceError(RuntimeError):
