@@ -1,0 +1,90 @@
+"""What every notebook does before its first lesson: say which mode it runs in and why, pick the device, and (in the
+run notebooks) choose where a training run keeps its files.
+
+One call, `notebook_setup()`, so that eight notebooks do not each carry their own copy of these decisions. The rules it
+keeps: a tiny run (a CPU, or a Colab CPU runtime) is a throwaway demonstration that never touches Google Drive; a full
+run on Colab lives on Drive so that it survives a disconnect; nothing here ever deletes a folder.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dreambooth_lib.environment import EnvironmentReport, ModeChoice, default_device, environment_report
+
+DRIVE_MOUNT = Path("/content/drive")
+# Full runs on Colab are kept here, one folder per run, so a reconnected runtime finds and resumes them.
+DRIVE_RUNS = DRIVE_MOUNT / "MyDrive" / "dreambooth-course"
+LOCAL_RUNS = Path("outputs")
+
+# Tiny mode demonstrates the run notebooks' workflow in seconds: a few steps and images show every stage.
+TINY_RUN_SETTINGS: dict[str, int] = {
+    "max_steps": 20,
+    "num_class_images": 4,
+    "class_inference_steps": 2,
+    "num_validation_images": 2,
+    "validation_inference_steps": 2,
+}
+
+
+def on_colab() -> bool:
+    """True inside a Colab runtime, which imports `google.colab` before any cell runs."""
+    return "google.colab" in sys.modules
+
+
+@dataclass(frozen=True)
+class NotebookSetup:
+    """The mode, the device and the run-folder rules a notebook works with (see `notebook_setup`)."""
+
+    report: EnvironmentReport
+    device: torch.device
+    colab: bool = field(default_factory=on_colab)
+
+    @property
+    def mode(self) -> ModeChoice:
+        return self.report.mode
+
+    @property
+    def tiny(self) -> bool:
+        return self.report.mode.is_tiny
+
+    def run_dir(self, name: str) -> Path:
+        """The folder a training run called `name` keeps its files in.
+
+        - tiny mode: a new temporary folder of this session's own, so a re-run starts clean without deleting anything
+          and a Colab CPU runtime never writes to Drive;
+        - full mode on Colab: `MyDrive/dreambooth-course/<name>` on Google Drive (mounted here), which survives a
+          disconnect; running the notebook again resumes that run;
+        - full mode elsewhere: `outputs/<name>` beside the notebook.
+        """
+        if self.tiny:
+            return Path(tempfile.mkdtemp(prefix=f"{name}-tiny-"))
+        if self.colab:
+            mount_drive()
+            return DRIVE_RUNS / name
+        return LOCAL_RUNS / name
+
+    def run_settings(self) -> dict[str, int]:
+        """Settings that shrink a run to a demonstration in tiny mode; none in full mode."""
+        return dict(TINY_RUN_SETTINGS) if self.tiny else {}
+
+
+def mount_drive() -> None:
+    """Mount Google Drive at /content/drive (Colab asks for permission once per runtime); a no-op if mounted."""
+    if (DRIVE_MOUNT / "MyDrive").is_dir():
+        return
+    from google.colab import drive  # only ever called on Colab
+
+    drive.mount(str(DRIVE_MOUNT))
+
+
+def notebook_setup() -> NotebookSetup:
+    """Print the mode (tiny or full) and why, the device and the library versions; return them for the notebook."""
+    report = environment_report()
+    print(report)
+    return NotebookSetup(report=report, device=default_device())
