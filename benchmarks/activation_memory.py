@@ -59,9 +59,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.denoiser import Denoiser
 from dreambooth_lib.models import DEFAULT_MODELS, Components, full_size_components, tiny_components
 from dreambooth_lib.text import PromptEmbeddings, tokenize_prompt
-from dreambooth_lib.train import Denoiser, _set_up_trainable
+from dreambooth_lib.train import _set_up_trainable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, markdown_table, write_json  # noqa: E402

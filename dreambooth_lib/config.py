@@ -20,6 +20,8 @@ from typing import Any, get_type_hints
 
 import torch
 
+from dreambooth_lib.families import DEFAULT_MODELS, KINDS, SDXL_FP16_VAE
+
 
 class ConfigError(ValueError):
     """A setting is out of range or unknown; the message names the field and what is allowed."""
@@ -47,7 +49,11 @@ class TrainConfig:
 
     # --- model
     model: str = _setting("tiny", "base model: 'tiny', a hub id or a local diffusers folder")
-    kind: str = _setting("sd", "model family (read from the model itself unless it is 'tiny')", choices=["sd", "sdxl"])
+    kind: str | None = _setting(
+        None,
+        "model family: None reads it from the model ('tiny': sd); 'sd' or 'sdxl' insists on one",
+        choices=list(KINDS),
+    )
     vae: str | None = _setting(None, "another VAE to use (hub id or folder), e.g. the fp16-fix VAE for SDXL")
     # --- data
     instance_dir: str = _setting("data/subjects/dog", "folder with 3-5 photos of your subject")
@@ -131,8 +137,8 @@ class TrainConfig:
     def validate(self, device: torch.device | str | None = None) -> TrainConfig:
         """Raise ConfigError naming the first bad field and what it allows; returns self when all is well.
 
-        With `device`, also check that the mixed precision runs there; on a CUDA device, warn (`MemoryWarning`) when
-        the estimated peak memory exceeds the card's.
+        With `device`, also check that the settings run there (precision, xformers, 8-bit Adam). Whether the run fits
+        the card's memory is `memory.warn_if_too_big`, which training calls.
         """
         hints = get_type_hints(TrainConfig)
         for spec in dataclasses.fields(self):
@@ -169,17 +175,7 @@ class TrainConfig:
         if self.use_dora and not self.use_lora:
             raise ConfigError("use_dora=True needs use_lora=True (DoRA is a kind of LoRA).")
         if device is not None:
-            device = torch.device(device)
-            self._check_device(device)
-            if device.type == "cuda":
-                import warnings
-
-                from dreambooth_lib.memory import GIB, MemoryWarning, fit_warning  # memory imports this module
-
-                # A warning, not an error: the estimate is approximate, and the user may know better.
-                message = fit_warning(self, torch.cuda.get_device_properties(device).total_memory / GIB)
-                if message:
-                    warnings.warn(message, MemoryWarning, stacklevel=2)
+            self._check_device(torch.device(device))
         return self
 
     def _check_device(self, device: torch.device) -> None:
@@ -315,8 +311,8 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         raise ConfigError(f"{name} must be {expected.__name__}, got {type(value).__name__} {value!r}.")
 
 
-_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+_SD15 = DEFAULT_MODELS["sd"]
+_SDXL = DEFAULT_MODELS["sdxl"]
 
 PRESETS: dict[str, TrainConfig] = {
     # Under a minute on a CPU: the tiny random model, 64 px, a handful of class images, a few hundred tiny steps.
@@ -367,7 +363,7 @@ PRESETS: dict[str, TrainConfig] = {
     "sdxl-lora-t4": TrainConfig(
         model=_SDXL,
         kind="sdxl",
-        vae="madebyollin/sdxl-vae-fp16-fix",
+        vae=SDXL_FP16_VAE,
         resolution=1024,
         use_lora=True,
         lora_rank=4,

@@ -459,11 +459,11 @@ def evaluate_pipeline(
 
 def load_real_images(folder: str | Path) -> list[Image.Image]:
     """The subject's real images, checked the way training checks them (a bad file stops here, named)."""
-    from dreambooth_lib.data import check_folder, load_image
+    from dreambooth_lib.images import check_folder
 
-    report = check_folder(folder)
+    report = check_folder(folder, keep_images=True)  # the check decodes each file; keep what it decoded
     report.raise_for_problems()
-    return [load_image(path) for path in report.usable]
+    return list(report.images.values())
 
 
 def evaluate_runs(
@@ -481,7 +481,7 @@ def evaluate_runs(
     `protocol` takes `evaluate_pipeline`'s keywords (images_per_prompt, prompt_count, seed, ...). Each pipeline is
     freed before the next loads, so only one model sits in memory.
     """
-    from dreambooth_lib.train import load_run_pipeline
+    from dreambooth_lib.models import load_run_pipeline
 
     device = torch.device(device) if device is not None else default_device()
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -9,10 +9,14 @@ like. The batch carries both: instance examples first, class examples second (se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dreambooth_lib.schedule import NoiseSchedule, gaussian_noise
+
+if TYPE_CHECKING:  # only for the annotation: the loss needs nothing from text encoding
+    from dreambooth_lib.text import PromptEmbeddings
 
 
 def diffusion_target(
@@ -107,3 +111,31 @@ def dreambooth_loss(
         )
     instance, prior = per_sample[: batch // 2].mean(), per_sample[batch // 2 :].mean()
     return LossParts(total=instance + prior_weight * prior, instance=instance, prior=prior)
+
+
+def diffusion_loss(
+    denoiser: torch.nn.Module,
+    schedule: NoiseSchedule,
+    latents: torch.Tensor,
+    prompt: PromptEmbeddings | list[torch.Tensor],
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    with_prior: bool,
+    prior_weight: float = 1.0,
+    min_snr_gamma: float | None = None,
+    time_ids: torch.Tensor | None = None,
+    train_text: bool = True,
+) -> LossParts:
+    """DreamBooth's objective for one batch: || target - model(x_t, t, c) ||^2 on instances + lambda * on class images.
+
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (DDPM eq. 4); the target is the noise or v.
+    `denoiser` is a `denoiser.Denoiser` (or anything called the same way).
+    """
+    noisy_latents = schedule.add_noise(latents, noise, timesteps)
+    prediction = denoiser(noisy_latents, timesteps, prompt, time_ids, train_text)
+    target = diffusion_target(schedule, latents, noise, timesteps)
+    weights = min_snr_weights(schedule, timesteps, min_snr_gamma) if min_snr_gamma else None
+    return dreambooth_loss(
+        prediction.float(), target.float(), with_prior=with_prior, prior_weight=prior_weight, weights=weights
+    )

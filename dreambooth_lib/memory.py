@@ -37,11 +37,15 @@ tiny modules.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
+import torch
+
 from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.families import DEFAULT_MODELS, SDXL_FP16_VAE, TINY
 
 GIB = 2**30
 
@@ -170,8 +174,6 @@ class MemoryEstimate:
 @cache
 def _tiny_family(kind: str) -> FamilySize:
     """Count the tiny components' parameters (and their LoRA sizes) from the modules themselves."""
-    import torch
-
     from dreambooth_lib.models import tiny_components
 
     components = tiny_components(kind)
@@ -200,15 +202,17 @@ def _tiny_family(kind: str) -> FamilySize:
 
 
 def family_size(config: TrainConfig) -> FamilySize:
-    """The parameter counts for the config's model: the tiny modules, or the full family of `config.kind`."""
-    return _tiny_family(config.kind) if config.model == "tiny" else FAMILIES[config.kind]
+    """The parameter counts for the config's model: the tiny modules, or the full family, whose kind is decided as the
+    loader decides it (`models.resolve_kind`: `config.kind`, else read from the model)."""
+    from dreambooth_lib.models import resolve_kind
+
+    kind = resolve_kind(config.model, config.kind)  # type: ignore[arg-type]
+    return _tiny_family(kind) if config.model == TINY else FAMILIES[kind]
 
 
 def _vae_bytes(config: TrainConfig, compute_bytes: int) -> int:
     """Bytes per VAE parameter: 16-bit only for the fp16-fix VAE, named in the settings or loaded with the default
     SDXL model (a local folder holding it counts as fp32: an over-estimate of 0.16 GiB)."""
-    from dreambooth_lib.models import DEFAULT_MODELS, SDXL_FP16_VAE
-
     fp16_fix = config.vae == SDXL_FP16_VAE or (config.vae is None and config.model == DEFAULT_MODELS["sdxl"])
     return compute_bytes if fp16_fix else 4
 
@@ -281,6 +285,19 @@ def fit_warning(config: TrainConfig, device_gib: float) -> str | None:
         f"This run may not fit the GPU ({device_gib:.1f} GiB, of which ~{RESERVE_GIB:.0f} GiB goes to the CUDA context "
         f"and fragmentation): {estimate}.{advice} The estimate is approximate; the run may still fit."
     )
+
+
+def warn_if_too_big(config: TrainConfig, device: torch.device | str) -> None:
+    """Warn (`MemoryWarning`) when the estimated peak does not fit the CUDA card `device`; other devices pass.
+
+    A warning, not an error: the estimate is approximate, and the user may know better.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    message = fit_warning(config, torch.cuda.get_device_properties(device).total_memory / GIB)
+    if message:
+        warnings.warn(message, MemoryWarning, stacklevel=2)
 
 
 def memory_table(configs: Mapping[str, TrainConfig], gpus: Mapping[str, float] = REFERENCE_GPUS) -> str:

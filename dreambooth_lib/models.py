@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from diffusers import (
@@ -24,21 +23,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from dreambooth_lib.assets import data_dir
-
-Kind = Literal["sd", "sdxl"]
-
-TINY = "tiny"
-DEFAULT_MODELS: dict[str, str] = {
-    "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
-# SDXL's own VAE produces NaNs in fp16; this fine-tune of it does not (same latent space).
-SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
-# Resolution each family was trained at; tiny components work on 64 px images (8x8 latents).
-NATIVE_RESOLUTION: dict[str, int] = {"sd": 512, "sdxl": 1024, TINY: 64}
+from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.families import DEFAULT_MODELS, KINDS, NATIVE_RESOLUTION, SDXL_FP16_VAE, TINY, Kind
 
 TOKENIZER_DIR = data_dir() / "clip-tokenizer"
 
@@ -401,6 +391,19 @@ def detect_kind(model_index: dict) -> Kind:
     return "sdxl" if model_index.get("text_encoder_2") or "XL" in model_index.get("_class_name", "") else "sd"
 
 
+def resolve_kind(source: str, kind: Kind | None = None, revision: str | None = None) -> Kind:
+    """The family of model `source`: `kind` when given; otherwise "sd" for the tiny model, the known family of a default
+    hub id, or what the model's model_index.json says. The loader and the memory estimate both decide with this."""
+    if kind is not None:
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r}: use 'sd' (SD 1.x/2.x), 'sdxl', or None to read it from the model.")
+        return kind
+    if source == TINY:
+        return "sd"
+    known = {model: family for family, model in DEFAULT_MODELS.items()}
+    return known.get(source) or detect_kind(_read_model_index(source, revision))
+
+
 def load_components(
     source: str = TINY,
     *,
@@ -415,17 +418,18 @@ def load_components(
 
     Args:
         source: `"tiny"`, a hub id, or a local diffusers pipeline folder.
-        kind: `"sd"` or `"sdxl"`; needed only for `"tiny"` (default `"sd"`), read from the model otherwise.
+        kind: `"sd"` or `"sdxl"` to insist on a family (a model of the other family is refused); None reads it from
+            the model (`resolve_kind`; the tiny model is then "sd").
         vae: another VAE (hub id or folder) to use instead of the model's own. SDXL from the default hub id uses the
             fp16-fix VAE unless told otherwise.
         revision, variant: passed to `from_pretrained` (e.g. `variant="fp16"` halves the download).
-        torch_dtype: dtype of the loaded weights (tiny components are always built in float32).
+        torch_dtype: dtype of the loaded weights (tiny components are built in float32, then cast).
         seed: seed of the tiny components.
     """
     if source == TINY:
-        return tiny_components(kind or "sd", seed=seed)
-    model_index = _read_model_index(source, revision)
-    found = detect_kind(model_index)
+        components = tiny_components(resolve_kind(source, kind), seed=seed)
+        return components.to("cpu", torch_dtype) if torch_dtype else components
+    found = detect_kind(_read_model_index(source, revision))
     if kind is not None and kind != found:
         raise ModelSourceError(f"{source!r} is an {found!r} model, but kind={kind!r} was asked for.")
     if vae is None and found == "sdxl" and source == DEFAULT_MODELS["sdxl"]:
@@ -499,3 +503,30 @@ def save_components(components: Components, folder: str | os.PathLike) -> Path:
     pipeline = build_pipeline(components)
     pipeline.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The models of a run
+
+
+def load_base(config: TrainConfig, torch_dtype: torch.dtype | None = None) -> Components:
+    """The base model a run's settings name (`model`, `kind`, `vae`), as training loads it."""
+    return load_components(config.model, kind=config.kind, vae=config.vae, torch_dtype=torch_dtype)  # type: ignore[arg-type]
+
+
+def load_run_pipeline(run_dir: str | os.PathLike, device: torch.device | str | None = None, dtype=None):
+    """The stock diffusers pipeline of a finished run: its `pipeline/` folder, or the base model with its LoRA."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ModelSourceError(f"{run_dir} is not a run folder (no config.json): pass the folder train() wrote.")
+    config = TrainConfig.from_file(run_dir / "config.json")
+    if (run_dir / "pipeline").is_dir():
+        pipeline = build_pipeline(load_components(str(run_dir / "pipeline")))
+    elif (run_dir / LORA_WEIGHT_NAME_SAFE).is_file():
+        pipeline = build_pipeline(load_base(config))
+        pipeline.load_lora_weights(run_dir)
+    else:
+        raise ModelSourceError(
+            f"{run_dir} holds neither pipeline/ nor {LORA_WEIGHT_NAME_SAFE}: did its training finish?"
+        )
+    return pipeline.to(device or "cpu", dtype)

@@ -1,15 +1,16 @@
 """DreamBooth training on `accelerate`: `train(TrainConfig(...))` runs the whole recipe and writes one run folder.
 
-Read `train` top to bottom; it follows DESIGN.md section 4:
-check the data -> make the class images -> load and freeze -> (LoRA) -> cache latents and prompts -> loop -> save.
-`Accelerator` owns devices, mixed precision, gradient accumulation and checkpoint state; peft owns the adapters.
+Read `train` top to bottom: `set_up` checks the data, makes the class images, loads and freezes the model (adding LoRA
+adapters when asked), caches latents and prompts and lets accelerate wrap what trains; `_loop` trains; `_save` writes
+the results. `Accelerator` owns devices, mixed precision, gradient accumulation and checkpoint state; peft owns the
+adapters. The pieces live in the modules named after them: `data` (examples), `denoiser` (the model that trains),
+`losses` (the objective), `models` (loading).
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,22 +23,26 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
-from dreambooth_lib import data, lora, priors
+from dreambooth_lib import data, images, lora, priors
 from dreambooth_lib.checkpoints import checkpoint_step, resolve_resume, save_checkpoint
-from dreambooth_lib.config import PRESETS, ConfigError, TrainConfig
+from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.denoiser import Denoiser, sdxl_time_ids
 from dreambooth_lib.generate import generate
-from dreambooth_lib.losses import LossParts, diffusion_target, dreambooth_loss, min_snr_weights, sample_noise
+from dreambooth_lib.losses import LossParts, diffusion_loss, sample_noise
+from dreambooth_lib.memory import warn_if_too_big
 from dreambooth_lib.modelcard import write_model_card
-from dreambooth_lib.models import Components, build_pipeline, load_components, save_components, tiny_components
+from dreambooth_lib.models import Components, build_pipeline, load_base, save_components
 from dreambooth_lib.plots import image_grid, loss_curve
 from dreambooth_lib.schedule import NoiseSchedule
-from dreambooth_lib.text import PromptEmbeddings, encode_prompt, encode_tokens, tokenize_prompt
+from dreambooth_lib.text import PromptEmbeddings, encode_prompt, tokenize_prompt
 
-__all__ = ["PRESETS", "ConfigError", "TrainConfig", "TrainResult", "train", "load_run_pipeline", "diffusion_loss"]
+__all__ = ["TrainResult", "Training", "set_up", "train"]
 
 LOSS_COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr")
 LORA_FILE = lora.LORA_WEIGHTS_NAME
 KOHYA_FILE = "lora_kohya.safetensors"
+
+Callback = Callable[[int, dict], None]
 
 
 @dataclass
@@ -53,174 +58,96 @@ class TrainResult:
         return self.losses[-1]["loss"]
 
 
-class SeededExamples(torch.utils.data.Dataset):
-    """A dataset whose random draws (latent samples, flips) depend only on (seed, epoch, index), not on the global RNG.
+@dataclass
+class Training:
+    """Everything `set_up` prepares and the loop uses: the wrapped model, optimiser, data and where the run stands."""
 
-    The data loader fetches one batch ahead, so draws from the global RNG would interleave with the noise draws in an
-    order that a resumed run cannot repeat; keyed draws make the resumed batches equal to the uninterrupted ones.
-    """
+    config: TrainConfig
+    accelerator: Accelerator
+    components: Components
+    denoiser: torch.nn.Module  # the Denoiser, as accelerate wrapped it
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    examples: data.SeededExamples
+    loader: torch.utils.data.DataLoader
+    schedule: NoiseSchedule
+    prompt_cache: dict[str, PromptEmbeddings] | None  # None when the text encoder trains
+    weight_dtype: torch.dtype  # of the frozen modules: the mixed-precision dtype, or float32
+    run_dir: Path
+    start_step: int
+    losses: list[dict]  # loss.csv rows up to start_step (main process only)
 
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 1_000_003 * self.epoch + index)
-            return self.dataset[index]
-
-
-class Denoiser(torch.nn.Module):
-    """What training updates: the UNet, and the text encoder(s) when they are trained, as one module.
-
-    One module, so that `accelerator.prepare` wraps everything that gets gradients together (one DDP wrapper on
-    several processes) and the text encoding runs inside the wrapped forward.
-    """
-
-    def __init__(self, components: Components, train_text_encoder: bool):
-        super().__init__()
-        self.unet = components.unet
-        self.text_encoders = torch.nn.ModuleList(components.text_encoders if train_text_encoder else [])
-        self.components = components  # a plain attribute: encode_tokens reads tokenizers and encoders from it
-
-    def forward(
-        self,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompt: PromptEmbeddings | list[torch.Tensor],
-        time_ids: torch.Tensor | None = None,
-        train_text: bool = True,
-    ) -> torch.Tensor:
-        """The UNet's prediction; `prompt` is cached embeddings, or token ids to encode here (with autograd)."""
-        if not isinstance(prompt, PromptEmbeddings):
-            with torch.set_grad_enabled(train_text and torch.is_grad_enabled()):
-                prompt = encode_tokens(self.components, prompt)
-        added_conditions = None
-        if self.components.kind == "sdxl":
-            # SDXL is also conditioned on the pooled text embedding and (original size, crop top-left, target size).
-            added_conditions = {"text_embeds": prompt.pooled, "time_ids": time_ids}
-        return self.unet(
-            noisy_latents, timesteps, encoder_hidden_states=prompt.embeds, added_cond_kwargs=added_conditions
-        ).sample
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
 
 
-def diffusion_loss(
-    denoiser: torch.nn.Module,
-    schedule: NoiseSchedule,
-    latents: torch.Tensor,
-    prompt: PromptEmbeddings | list[torch.Tensor],
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    *,
-    with_prior: bool,
-    prior_weight: float = 1.0,
-    min_snr_gamma: float | None = None,
-    time_ids: torch.Tensor | None = None,
-    train_text: bool = True,
-) -> LossParts:
-    """DreamBooth's objective for one batch: || target - model(x_t, t, c) ||^2 on instances + lambda * on class images.
-
-    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (DDPM eq. 4); the target is the noise or v.
-    """
-    noisy_latents = schedule.add_noise(latents, noise, timesteps)
-    prediction = denoiser(noisy_latents, timesteps, prompt, time_ids, train_text)
-    target = diffusion_target(schedule, latents, noise, timesteps)
-    weights = min_snr_weights(schedule, timesteps, min_snr_gamma) if min_snr_gamma else None
-    return dreambooth_loss(
-        prediction.float(), target.float(), with_prior=with_prior, prior_weight=prior_weight, weights=weights
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def train(config: TrainConfig, callbacks: Sequence[Callable[[int, dict], None]] = ()) -> TrainResult:
+def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Run DreamBooth as `config` says and write the run folder (see the module docstring of `dreambooth_lib.train`).
 
     Each of `callbacks` is called on the main process after every optimiser step with the step and its loss.csv row
     (e.g. `widgets.LiveLossPlot`).
     """
-    if config.model != "tiny" or torch.cuda.is_available():
-        return _train(config, callbacks)
-    # Tiny tensors on a CPU: a second thread only adds synchronisation, which costs seconds per step on a busy machine
-    # (the demo took 7.5 min with two threads on a loaded 2-core box, 21 s with one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train(config, callbacks)
-    finally:
-        torch.set_num_threads(threads)
+    training = set_up(config)
+    _loop(training, callbacks)
+    return _save(training)
 
 
-def _train(config: TrainConfig, callbacks: Sequence[Callable[[int, dict], None]]) -> TrainResult:
+# --------------------------------------------------------------------------------------------------------------------
+# Set-up: steps 1-5, before the first optimiser step.
+
+
+def set_up(config: TrainConfig) -> Training:
+    """Check the data, make the class images, load and freeze, cache, and let accelerate wrap what trains; resume."""
     config.validate()
-    run_dir = Path(config.output_dir)
-    class_dir = Path(config.class_dir) if config.class_dir else run_dir / "class_images"
-    # accelerate keeps its settings process-wide; a notebook may train again with another precision.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        # The sampler's order depends only on (seed, epoch): a resumed run sees the same batches.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        # A text encoder that stops training part-way leaves parameters without gradients in the DDP wrapper.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=_text_encoder_stops_early(config))],
-    )
+    accelerator = _new_accelerator(config)
     config.validate(accelerator.device)
+    warn_if_too_big(config, accelerator.device)
     main = accelerator.is_main_process
+    run_dir = Path(config.output_dir)
 
-    # 1. Check the photos before any model loads (a bad file fails here, naming itself).
-    data.check_folder(config.instance_dir, config.resolution).raise_for_problems()
+    # 1. Check the photos before any model loads (a bad file fails here, naming itself); keep them decoded.
+    instance_report = images.check_folder(config.instance_dir, config.resolution, keep_images=True)
+    instance_report.raise_for_problems()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.json")
 
     # 2. Prior preservation: class images from the very base model being fine-tuned; existing ones count.
+    class_dir = None
     if config.with_prior_preservation:
+        class_dir = Path(config.class_dir) if config.class_dir else run_dir / "class_images"
         if main:
             _ensure_class_images(config, class_dir, accelerator.device)
         accelerator.wait_for_everyone()
     dataset = data.DreamBoothDataset(
-        config.instance_dir,
+        instance_report,
         config.instance_prompt,
         resolution=config.resolution,
-        class_dir=class_dir if config.with_prior_preservation else None,
-        class_prompt=config.class_prompt if config.with_prior_preservation else None,
+        class_dir=class_dir,
+        class_prompt=config.class_prompt if class_dir else None,
         center_crop=config.center_crop,
         random_flip=config.random_flip,
     )
 
-    # 3. Load; freeze what is not trained, in the low-precision dtype; what is trained stays fp32 (fp16 master weights
-    #    cannot be unscaled: "Attempting to unscale FP16 gradients").
-    # Seeded here, after class-image generation (which may or may not run), so every run trains alike; each process
-    # draws different noise.
+    # 3. Load; freeze what is not trained. Seeded here, after class-image generation (which may or may not run), so
+    #    every run trains alike; each process draws different noise.
     set_seed(config.seed, device_specific=True)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    components = _load_base(config)
+    components = load_base(config)
     trainable = _set_up_trainable(components, config, weight_dtype, accelerator.device)
     denoiser = Denoiser(components, config.train_text_encoder)
-    if config.attention == "xformers":  # SDPA otherwise: diffusers' default on PyTorch 2
-        components.unet.enable_xformers_memory_efficient_attention()
-    if config.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-        for encoder in denoiser.text_encoders:
-            encoder.gradient_checkpointing_enable()
+    _enable_memory_savers(config, components, denoiser)
 
     # 4. Cache what does not change: VAE latents, and the prompts' embeddings when the text encoder is frozen.
     if config.cache_latents:
         dataset = data.LatentCache.build(dataset, components.vae, device=accelerator.device)
-    prompts = [config.instance_prompt] + ([config.class_prompt] if config.with_prior_preservation else [])
-    prompt_cache = (
-        None if config.train_text_encoder else {prompt: encode_prompt(components, prompt) for prompt in prompts}
-    )
+    prompt_cache = None if config.train_text_encoder else _encode_prompts(config, components)
 
-    # 5. Optimiser, schedule, data; then accelerate wraps them.
+    # 5. Optimiser, schedule, data; then accelerate wraps them, and a resumed run restores them.
     optimizer = _make_optimizer(config, trainable, components)
-    examples = SeededExamples(dataset, config.seed)
+    examples = data.SeededExamples(dataset, config.seed)
     loader = torch.utils.data.DataLoader(
         examples,
         batch_size=config.train_batch_size,
@@ -239,125 +166,42 @@ def _train(config: TrainConfig, callbacks: Sequence[Callable[[int, dict], None]]
     denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
     _save_only_trainable_weights(accelerator)
     schedule = NoiseSchedule.from_config(components.noise_scheduler.config)
-
-    checkpoint_dir = run_dir / "checkpoints"
-    start_step = 0
-    resume = resolve_resume(config.resume_from, checkpoint_dir)
-    if resume is not None:
-        accelerator.load_state(str(resume), strict=False)  # restores weights, optimiser, schedule and RNG states
-        start_step = checkpoint_step(resume)
-        _check_fp32(trainable)
-        accelerator.print(f"resumed from {resume} at step {start_step}")
+    start_step = _resume(config, accelerator, trainable, run_dir / "checkpoints")
     losses = _read_loss_log(run_dir / "loss.csv", up_to=start_step) if main else []
-
-    # 6. The loop. One optimiser step = gradient_accumulation_steps batches; steps_per_epoch counts optimiser steps.
-    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
-    time_ids = _sdxl_time_ids(config.resolution, accelerator.device) if components.kind == "sdxl" else None
-    text_encoder_steps = round(config.text_encoder_fraction * config.max_steps)
-    progress = tqdm(total=config.max_steps, initial=start_step, desc="training", disable=not main, dynamic_ncols=True)
-    step = start_step
-    denoiser.train()
-    while step < config.max_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        loader.set_epoch(epoch)
-        examples.epoch = epoch
-        # Resuming mid-epoch: skip the batches already seen, without loading them.
-        batches = accelerator.skip_first_batches(loader, done_in_epoch * config.gradient_accumulation_steps)
-        parts_sum, micro_batches = None, 0
-        for batch in batches:
-            with accelerator.accumulate(denoiser):
-                latents = batch["latents"] if "latents" in batch else _encode(components, batch["pixel_values"])
-                latents = latents.to(accelerator.device)
-                noise = sample_noise(latents, config.noise_offset)
-                timesteps = torch.randint(0, schedule.num_train_timesteps, (len(latents),), device=latents.device)
-                if prompt_cache is None:
-                    prompt = [ids.to(accelerator.device) for ids in tokenize_prompt(components, batch["prompts"])]
-                else:
-                    prompt = _stack_prompts(prompt_cache, batch["prompts"], accelerator.device, weight_dtype)
-                parts = diffusion_loss(
-                    denoiser,
-                    schedule,
-                    latents,
-                    prompt,
-                    noise,
-                    timesteps,
-                    with_prior=batch["with_prior"],
-                    prior_weight=config.prior_weight,
-                    min_snr_gamma=config.min_snr_gamma,
-                    time_ids=None if time_ids is None else time_ids.expand(len(latents), -1),
-                    train_text=step < text_encoder_steps,
-                )
-                accelerator.backward(parts.total)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            parts_sum = _add_parts(parts_sum, parts)
-            micro_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-
-            step += 1
-            row = _loss_row(accelerator, step, parts_sum, micro_batches, lr_scheduler.get_last_lr()[0])
-            parts_sum, micro_batches = None, 0
-            if main:
-                losses.append(row)
-                progress.update(1)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-                for callback in callbacks:
-                    callback(step, row)
-            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-                if main:
-                    _write_loss_log(run_dir / "loss.csv", losses)
-                save_checkpoint(accelerator, checkpoint_dir, step, config.checkpoints_total_limit)
-            if main and config.validation_steps and step % config.validation_steps == 0:
-                _sample_grid(components, config, accelerator, weight_dtype).save(run_dir / f"validation-{step}.png")
-            if step >= config.max_steps:
-                break
-    progress.close()
-
-    # 7. Save once, from the main process: the weights, the loss log and curve, samples and the model card.
-    accelerator.wait_for_everyone()
-    output = run_dir / ("pipeline" if not config.use_lora else LORA_FILE)
-    if main:
-        _write_loss_log(run_dir / "loss.csv", losses)
-        loss_curve(run_dir / "loss.csv", run_dir / "loss.png")
-        if config.use_lora:
-            lora.save_lora(components, run_dir)
-            lora.export_kohya(run_dir / LORA_FILE, run_dir / KOHYA_FILE)
-        else:
-            # The trained modules leave in fp32 (full precision); frozen ones were only cast to save memory.
-            for module in (components.vae, components.unet, *components.text_encoders):
-                _place(module, accelerator.device, torch.float32)
-            save_components(components, output)
-        _sample_grid(components, config, accelerator, weight_dtype).save(run_dir / "samples.png")
-        write_model_card(config, run_dir, components.kind, losses)
-    accelerator.end_training()
-    return TrainResult(run_dir=run_dir, output=output, losses=losses)
+    return Training(
+        config, accelerator, components, denoiser, trainable, optimizer, lr_scheduler, examples, loader, schedule,
+        prompt_cache, weight_dtype, run_dir, start_step, losses,
+    )  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Set-up helpers, in the order train() uses them.
+def _new_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator with this run's precision and accumulation.
+
+    accelerate keeps its state process-wide and refuses a second Accelerator with another mixed precision ("cannot be
+    changed, restart your runtime"), yet a notebook may well train twice with different settings. There is no public
+    way to start afresh, so the private `AcceleratorState._reset_state` is called;
+    `test_train.test_accelerator_takes_each_runs_precision` fails if accelerate changes it.
+    """
+    AcceleratorState._reset_state()
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # The sampler's order depends only on (seed, epoch): a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        # A text encoder that stops training part-way leaves parameters without gradients in the DDP wrapper.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=_text_encoder_stops_early(config))],
+    )
 
 
 def _text_encoder_stops_early(config: TrainConfig) -> bool:
     return config.train_text_encoder and config.text_encoder_fraction < 1.0
 
 
-def _load_base(config: TrainConfig, torch_dtype: torch.dtype | None = None) -> Components:
-    if config.model == "tiny":
-        components = tiny_components(config.kind)  # type: ignore[arg-type]
-        return components.to("cpu", torch_dtype) if torch_dtype else components
-    kind = None if config.kind == "sd" else config.kind  # 'sd' is the default: read the family from the model
-    return load_components(config.model, kind=kind, vae=config.vae, torch_dtype=torch_dtype)  # type: ignore[arg-type]
-
-
 def _ensure_class_images(config: TrainConfig, class_dir: Path, device: torch.device) -> None:
     """Generate the missing class images with a frozen copy of the base model (fp16 on a GPU), then free it."""
     if len(priors.existing_class_images(class_dir)) >= config.num_class_images:
         return  # enough already: do not even load the model
-    base = _load_base(config, torch.float16 if device.type == "cuda" else None)
+    base = load_base(config, torch.float16 if device.type == "cuda" else None)
     priors.generate_class_images(
         build_pipeline(base).to(device),
         class_dir,
@@ -404,6 +248,22 @@ def _set_up_trainable(
     if full_text_encoder:
         trainable += [p for encoder in components.text_encoders for p in encoder.parameters()]
     return trainable
+
+
+def _enable_memory_savers(config: TrainConfig, components: Components, denoiser: Denoiser) -> None:
+    """The attention kernel and gradient checkpointing the settings ask for."""
+    if config.attention == "xformers":  # SDPA otherwise: diffusers' default on PyTorch 2
+        components.unet.enable_xformers_memory_efficient_attention()
+    if config.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        for encoder in denoiser.text_encoders:
+            encoder.gradient_checkpointing_enable()
+
+
+def _encode_prompts(config: TrainConfig, components: Components) -> dict[str, PromptEmbeddings]:
+    """The embeddings of the instance (and class) prompt, computed once for a frozen text encoder."""
+    prompts = [config.instance_prompt] + ([config.class_prompt] if config.with_prior_preservation else [])
+    return {prompt: encode_prompt(components, prompt) for prompt in prompts}
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -459,27 +319,101 @@ def _save_only_trainable_weights(accelerator: Accelerator) -> None:
     accelerator.register_save_state_pre_hook(keep_trainable)
 
 
+def _resume(
+    config: TrainConfig, accelerator: Accelerator, trainable: list[torch.nn.Parameter], checkpoint_dir: Path
+) -> int:
+    """Restore weights, optimiser, schedule and RNG states from the checkpoint `resume_from` names; its step, or 0."""
+    resume = resolve_resume(config.resume_from, checkpoint_dir)
+    if resume is None:
+        return 0
+    accelerator.load_state(str(resume), strict=False)
+    _check_fp32(trainable)
+    accelerator.print(f"resumed from {resume} at step {checkpoint_step(resume)}")
+    return checkpoint_step(resume)
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# Loop helpers.
+# Step 6: the loop. One optimiser step = gradient_accumulation_steps batches; steps_per_epoch counts optimiser steps.
 
 
-def _encode(components: Components, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Latents of a batch of images, when they were not cached up front."""
-    vae = components.vae
-    with torch.no_grad():
-        return data.encode_latents(vae, pixel_values.to(vae.device, vae.dtype))
+def _loop(training: Training, callbacks: Sequence[Callback]) -> None:
+    config, accelerator = training.config, training.accelerator
+    steps_per_epoch = math.ceil(len(training.loader) / config.gradient_accumulation_steps)
+    text_encoder_steps = round(config.text_encoder_fraction * config.max_steps)
+    main = accelerator.is_main_process
+    progress = tqdm(
+        total=config.max_steps, initial=training.start_step, desc="training", disable=not main, dynamic_ncols=True
+    )
+    step = training.start_step
+    training.denoiser.train()
+    while step < config.max_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        training.loader.set_epoch(epoch)
+        training.examples.epoch = epoch
+        # Resuming mid-epoch: skip the batches already seen, without loading them.
+        batches = accelerator.skip_first_batches(training.loader, done_in_epoch * config.gradient_accumulation_steps)
+        parts_sum, micro_batches = None, 0
+        for batch in batches:
+            with accelerator.accumulate(training.denoiser):
+                parts = _batch_loss(training, batch, train_text=step < text_encoder_steps)
+                accelerator.backward(parts.total)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(training.trainable, config.max_grad_norm)
+                training.optimizer.step()
+                training.lr_scheduler.step()
+                training.optimizer.zero_grad(set_to_none=True)
+            parts_sum = _add_parts(parts_sum, parts)
+            micro_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            step += 1
+            row = _loss_row(accelerator, step, parts_sum, micro_batches, training.lr_scheduler.get_last_lr()[0])
+            parts_sum, micro_batches = None, 0
+            if main:
+                training.losses.append(row)
+                progress.update(1)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                for callback in callbacks:
+                    callback(step, row)
+            _checkpoint_and_validate(training, step)
+            if step >= config.max_steps:
+                break
+    progress.close()
 
 
-def _sdxl_time_ids(resolution: int, device: torch.device) -> torch.Tensor:
-    """SDXL's micro-conditioning for one image: original size, crop top-left (0, 0), target size (SDXL paper 2.2)."""
-    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32, device=device)
-
-
-def _stack_prompts(
-    cache: dict[str, PromptEmbeddings], prompts: list[str], device: torch.device, dtype: torch.dtype
-) -> PromptEmbeddings:
-    """The batch's prompt embeddings, assembled from the cache in the batch's order."""
-    return PromptEmbeddings.cat([cache[prompt] for prompt in prompts]).to(device, dtype)
+def _batch_loss(training: Training, batch: dict, train_text: bool) -> LossParts:
+    """The DreamBooth loss of one batch: its latents (cached or encoded now), fresh noise and timesteps, its prompts."""
+    config, components, device = training.config, training.components, training.accelerator.device
+    if "latents" in batch:
+        latents = batch["latents"].to(device)
+    else:
+        vae = components.vae
+        with torch.no_grad():
+            latents = data.encode_latents(vae, batch["pixel_values"].to(vae.device, vae.dtype)).to(device)
+    noise = sample_noise(latents, config.noise_offset)
+    timesteps = torch.randint(0, training.schedule.num_train_timesteps, (len(latents),), device=latents.device)
+    if training.prompt_cache is None:  # token ids: the trained text encoder runs inside the denoiser
+        prompt = [ids.to(device) for ids in tokenize_prompt(components, batch["prompts"])]
+    else:
+        cached = [training.prompt_cache[text] for text in batch["prompts"]]
+        prompt = PromptEmbeddings.cat(cached).to(device, training.weight_dtype)
+    time_ids = None
+    if components.kind == "sdxl":
+        time_ids = sdxl_time_ids(config.resolution, device).expand(len(latents), -1)
+    return diffusion_loss(
+        training.denoiser,
+        training.schedule,
+        latents,
+        prompt,
+        noise,
+        timesteps,
+        with_prior=batch["with_prior"],
+        prior_weight=config.prior_weight,
+        min_snr_gamma=config.min_snr_gamma,
+        time_ids=time_ids,
+        train_text=train_text,
+    )
 
 
 def _add_parts(total: torch.Tensor | None, parts: LossParts) -> torch.Tensor:
@@ -493,6 +427,24 @@ def _loss_row(accelerator: Accelerator, step: int, parts_sum: torch.Tensor, coun
     """One row of loss.csv: the step's losses averaged over micro-batches and processes."""
     loss, instance, prior = (accelerator.reduce(parts_sum / count, reduction="mean")).tolist()
     return {"step": step, "loss": loss, "instance_loss": instance, "prior_loss": prior, "lr": lr}
+
+
+def _loss_row(accelerator: Accelerator, step: int, parts_sum: torch.Tensor, count: int, lr: float) -> dict:
+    """One row of loss.csv: the step's losses averaged over micro-batches and processes."""
+    loss, instance, prior = (accelerator.reduce(parts_sum / count, reduction="mean")).tolist()
+    return {"step": step, "loss": loss, "instance_loss": instance, "prior_loss": prior, "lr": lr}
+
+
+def _checkpoint_and_validate(training: Training, step: int) -> None:
+    """Every `checkpointing_steps`: the loss log and a resumable checkpoint; every `validation_steps`: a sample grid."""
+    config, accelerator = training.config, training.accelerator
+    main = accelerator.is_main_process
+    if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+        if main:
+            _write_loss_log(training.run_dir / "loss.csv", training.losses)
+        save_checkpoint(accelerator, training.checkpoint_dir, step, config.checkpoints_total_limit)
+    if main and config.validation_steps and step % config.validation_steps == 0:
+        _sample_grid(training).save(training.run_dir / f"validation-{step}.png")
 
 
 def _write_loss_log(path: Path, rows: list[dict]) -> None:
@@ -513,14 +465,15 @@ def _read_loss_log(path: Path, up_to: int) -> list[dict]:
     return [row for row in rows if row["step"] <= up_to]
 
 
-def _sample_grid(components: Components, config: TrainConfig, accelerator: Accelerator, weight_dtype: torch.dtype):
+def _sample_grid(training: Training):
     """Images of the validation prompts (seeds seed, seed+1, ...) from the live modules, never casting their weights:
     autocast computes in low precision while the trained fp32 weights stay as they are."""
+    config, components = training.config, training.components
     pipeline = build_pipeline(components)
-    training = components.unet.training
+    was_training = components.unet.training
     components.unet.eval()
     images = []
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), training.accelerator.autocast():
         for prompt in config.validation_prompts:
             images += generate(
                 pipeline,
@@ -532,23 +485,35 @@ def _sample_grid(components: Components, config: TrainConfig, accelerator: Accel
                 resolution=config.resolution,
                 progress=False,
             )
-    components.unet.train(training)
+    components.unet.train(was_training)
     return image_grid(images, columns=config.num_validation_images)
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Step 7: save once, from the main process: the weights, the loss log and curve, samples and the model card.
 
 
-def load_run_pipeline(run_dir: str | os.PathLike, device: torch.device | str | None = None, dtype=None):
-    """The stock diffusers pipeline of a finished run: its `pipeline/` folder, or the base model with its LoRA."""
-    run_dir = Path(run_dir)
-    config = TrainConfig.from_file(run_dir / "config.json")
-    if (run_dir / "pipeline").is_dir():
-        components = load_components(str(run_dir / "pipeline"))
-        pipeline = build_pipeline(components)
-    elif (run_dir / LORA_FILE).is_file():
-        pipeline = build_pipeline(_load_base(config))
-        pipeline.load_lora_weights(run_dir)
-    else:
-        raise FileNotFoundError(f"{run_dir} holds neither pipeline/ nor {LORA_FILE}: did its training finish?")
-    return pipeline.to(device or "cpu", dtype)
+def _save(training: Training) -> TrainResult:
+    config, accelerator, components, run_dir = (
+        training.config,
+        training.accelerator,
+        training.components,
+        training.run_dir,
+    )
+    accelerator.wait_for_everyone()
+    output = run_dir / ("pipeline" if not config.use_lora else LORA_FILE)
+    if accelerator.is_main_process:
+        _write_loss_log(run_dir / "loss.csv", training.losses)
+        loss_curve(run_dir / "loss.csv", run_dir / "loss.png")
+        if config.use_lora:
+            lora.save_lora(components, run_dir)
+            lora.export_kohya(run_dir / LORA_FILE, run_dir / KOHYA_FILE)
+        else:
+            # The trained modules leave in fp32 (full precision); frozen ones were only cast to save memory.
+            for module in (components.vae, components.unet, *components.text_encoders):
+                _place(module, accelerator.device, torch.float32)
+            save_components(components, output)
+        _sample_grid(training).save(run_dir / "samples.png")
+        write_model_card(config, run_dir, components.kind, training.losses)
+    accelerator.end_training()
+    return TrainResult(run_dir=run_dir, output=output, losses=training.losses)

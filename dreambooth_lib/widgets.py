@@ -87,7 +87,11 @@ def field_widget(name: str, value: Any) -> widgets.Widget:
     base, optional = _base_type(name)
     common = dict(description=name, tooltip=metadata["help"], style={"description_width": "190px"})
     if "choices" in metadata:
-        return widgets.Dropdown(options=metadata["choices"], value=value, **common)
+        # An optional choice (e.g. kind) offers "(none)" first, for None. Its value is "", not None: ipywidgets reads
+        # value None as "nothing selected".
+        choices = metadata["choices"]
+        options = [("(none)", ""), *((choice, choice) for choice in choices)] if optional else choices
+        return widgets.Dropdown(options=options, value="" if value is None else value, **common)
     if base is bool:
         return widgets.Checkbox(value=value, indent=False, **common)
     if base == list[str]:
@@ -107,6 +111,8 @@ def _read_widget(name: str, widget: widgets.Widget) -> Any:
     value = widget.value
     if base == list[str]:
         return [line.strip() for line in value.splitlines() if line.strip()]
+    if isinstance(widget, widgets.Dropdown):
+        return None if optional and value == "" else value
     if not isinstance(widget, widgets.Text):
         return value
     if optional and not value.strip():
@@ -178,8 +184,10 @@ class TrainForm:
         widget = self.inputs[name]
         if base == list[str]:
             value = "\n".join(value)
+        elif isinstance(widget, (widgets.Text, widgets.Dropdown)) and value is None:
+            value = ""
         elif isinstance(widget, widgets.Text):
-            value = "" if value is None else str(value)
+            value = str(value)
         widget.value = value
 
     def apply_preset(self, name: str) -> None:

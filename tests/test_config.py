@@ -18,7 +18,8 @@ def test_every_field_has_help_and_a_simple_type_for_forms():
             low, high = spec.metadata["range"]
             assert low < high, spec.name
         if "choices" in spec.metadata:
-            assert getattr(TrainConfig(), spec.name) in spec.metadata["choices"], spec.name
+            default = getattr(TrainConfig(), spec.name)
+            assert default in spec.metadata["choices"] or (default is None and "None" in spec.type), spec.name
 
 
 def test_required_presets_exist_and_validate():

@@ -13,17 +13,14 @@ from PIL import Image
 
 from dreambooth_lib.cli import main
 from dreambooth_lib.data import (
-    DataError,
     DreamBoothDataset,
     LatentCache,
-    check_folder,
     collate_examples,
     encode_latents,
     latent_moments,
-    load_image,
-    resize_shorter_side,
     sample_latents,
 )
+from dreambooth_lib.images import DataError, check_folder, load_image, resize_shorter_side
 
 SUBJECTS = Path(__file__).resolve().parent.parent / "data" / "subjects"
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

@@ -19,6 +19,7 @@ from dreambooth_lib.memory import (
     estimate_memory_gib,
     fit_warning,
     trained_parameters,
+    warn_if_too_big,
 )
 from dreambooth_lib.models import build_pipeline, full_size_components, tiny_components
 from dreambooth_lib.train import _make_optimizer, _set_up_trainable
@@ -188,11 +189,11 @@ def fake_15_gib_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=15 * GIB))
 
 
-def test_validate_warns_on_a_cuda_device_when_the_run_does_not_fit(fake_15_gib_gpu):
+def test_warns_on_a_cuda_device_when_the_run_does_not_fit(fake_15_gib_gpu):
     too_big = PRESETS["sd15-full-t4"].replace(use_8bit_adam=False)
     with pytest.warns(MemoryWarning, match="use_8bit_adam=True"):
-        too_big.validate("cuda")
+        warn_if_too_big(too_big, "cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error", MemoryWarning)
-        PRESETS["sd15-full-t4"].validate("cuda")
-        too_big.replace(mixed_precision="bf16").validate("cpu")  # no CUDA card to compare with: no warning
+        warn_if_too_big(PRESETS["sd15-full-t4"], "cuda")
+        warn_if_too_big(too_big.replace(mixed_precision="bf16"), "cpu")  # no CUDA card to compare with: no warning

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_lib import priors
-from dreambooth_lib.data import check_folder
+from dreambooth_lib.images import check_folder
 from dreambooth_lib.models import build_pipeline
 
 PROMPT = "a photo of a dog"

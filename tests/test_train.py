@@ -17,11 +17,13 @@ from safetensors.torch import load_file
 from dreambooth_lib import cli, lora
 from dreambooth_lib.checkpoints import latest_checkpoint, list_checkpoints, resolve_resume
 from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.denoiser import Denoiser
 from dreambooth_lib.generate import generate
-from dreambooth_lib.models import build_pipeline, tiny_components
+from dreambooth_lib.losses import diffusion_loss
+from dreambooth_lib.models import build_pipeline, load_run_pipeline, tiny_components
 from dreambooth_lib.schedule import NoiseSchedule
 from dreambooth_lib.text import encode_prompt
-from dreambooth_lib.train import Denoiser, diffusion_loss, load_run_pipeline, train
+from dreambooth_lib.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DOG = ROOT / "data" / "subjects" / "dog"
@@ -302,6 +304,20 @@ def test_latest_ignores_half_written_checkpoints(tmp_path):
     assert resolve_resume("latest", tmp_path / "missing") is None
     with pytest.raises(ValueError, match="checkpoint-<step>"):
         resolve_resume(str(tmp_path / "checkpoint-20.tmp"), tmp_path)
+
+
+def test_accelerator_takes_each_runs_precision():
+    """accelerate refuses a second mixed precision in one process; train() starts afresh through accelerate's private
+    reset (see train._new_accelerator), so a notebook can train twice. Fails if accelerate renames or changes it."""
+    from accelerate import Accelerator
+
+    from dreambooth_lib.train import _new_accelerator
+
+    assert _new_accelerator(TrainConfig(mixed_precision="no")).mixed_precision == "no"
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(mixed_precision="bf16")  # what a second run would meet without the reset
+    assert _new_accelerator(TrainConfig(mixed_precision="bf16")).mixed_precision == "bf16"
+    assert _new_accelerator(TrainConfig(mixed_precision="no")).mixed_precision == "no"
 
 
 # --------------------------------------------------------------------------------------------------------------------
