@@ -33,6 +33,7 @@ import common  # noqa: E402  (the benchmarks folder is not a package: each scrip
 
 from dreambooth_lib.config import PRESETS, TrainConfig  # noqa: E402
 from dreambooth_lib.memory import estimate_memory_gib  # noqa: E402
+from dreambooth_lib.models import resolve_kind  # noqa: E402
 
 INSTANCE_DIR = common.REPO / "data" / "subjects" / "dog"
 CLASS_DIR = common.REPO / "data" / "subjects" / "teapot"
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             model = "tiny"
             if args.gpu:
-                model = str(common.random_model_folder(PRESETS[case.preset].kind, args.models))
+                preset = PRESETS[case.preset]
+                model = str(common.random_model_folder(resolve_kind(preset.model, preset.kind), args.models))
             report["cases"].append(run_case(case, model, Path(folder), dry_run=args.dry_run))
     report["seconds"] = time.perf_counter() - started
     print()

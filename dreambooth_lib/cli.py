@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_lib.environment import default_device, environment_report, select_mode
+from dreambooth_lib.environment import default_device, environment_report, quiet_known_warnings, select_mode
 
 
 def _default_source(kind: str) -> str:
-    from dreambooth_lib.models import DEFAULT_MODELS, TINY
+    from dreambooth_lib.families import DEFAULT_MODELS, TINY
 
     return TINY if select_mode().is_tiny else DEFAULT_MODELS[kind]
 
@@ -31,8 +31,8 @@ def run_generate(args: argparse.Namespace) -> int:
     print(environment_report())
     device = default_device()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    source = args.model or _default_source(args.kind)
-    components = load_components(source, kind=args.kind if source == "tiny" else None, torch_dtype=dtype)
+    source = args.model or _default_source(args.kind or "sd")
+    components = load_components(source, kind=args.kind, torch_dtype=dtype)
     pipeline = build_pipeline(components).to(device)
     if args.lora:
         from dreambooth_lib.lora import load_lora
@@ -114,18 +114,13 @@ def run_check_data(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train DreamBooth: a preset, then a config file over it, then `--set key=value` over both."""
-    from dreambooth_lib.config import ConfigError, TrainConfig
+    from dreambooth_lib.config import TrainConfig
     from dreambooth_lib.train import train
 
-    try:
-        config = TrainConfig.preset(args.preset)
-        if args.config:
-            config = TrainConfig.from_file(args.config, base=config)
-        config = config.with_assignments(args.set).validate()
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return _report_run(train(config))
+    config = TrainConfig.preset(args.preset)
+    if args.config:
+        config = TrainConfig.from_file(args.config, base=config)
+    return _report_run(train(config.with_assignments(args.set).validate()))
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -171,13 +166,17 @@ def _report_run(result) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dreambooth_lib.config import PRESETS
+
     parser = argparse.ArgumentParser(prog="python -m dreambooth_lib", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate an image grid from a base or trained model")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--model", help="'tiny', a hub id or a pipeline folder (default: the current mode's base model)")
-    gen.add_argument("--kind", choices=("sd", "sdxl"), default="sd", help="model family of the default/tiny model")
+    gen.add_argument(
+        "--kind", choices=("sd", "sdxl"), help="model family (default: read from the model; the tiny model's is sd)"
+    )
     gen.add_argument(
         "--lora",
         metavar="FILE_OR_FOLDER",
@@ -210,7 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--resolution", type=int, help="training resolution: smaller images are flagged")
     check.set_defaults(run=run_check_data)
     tr = commands.add_parser("train", help="DreamBooth fine-tuning (full or LoRA) from a preset and overrides")
-    tr.add_argument("--preset", default="tiny-cpu", help="starting settings (see dreambooth_lib.config.PRESETS)")
+    tr.add_argument(
+        "--preset",
+        default="tiny-cpu",
+        choices=sorted(PRESETS),
+        metavar="PRESET",
+        help=f"starting settings, one of: {', '.join(sorted(PRESETS))} (default: %(default)s)",
+    )
     tr.add_argument("--config", help="a JSON/YAML file of TrainConfig fields, applied over the preset")
     tr.add_argument(
         "--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override fields, e.g. max_steps=200"
@@ -225,5 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a mistake the user can fix (data, settings, model source, device) prints one `error:` line
+    naming the cause and the fix, and exits 2, instead of a traceback."""
+    quiet_known_warnings()
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions whose messages name a user's mistake and its fix (imported only when something failed)."""
+    from dreambooth_lib.config import ConfigError
+    from dreambooth_lib.images import DataError
+    from dreambooth_lib.models import ModelSourceError
+
+    return ConfigError, DataError, ModelSourceError, FileNotFoundError

@@ -311,6 +311,41 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         raise ConfigError(f"{name} must be {expected.__name__}, got {type(value).__name__} {value!r}.")
 
 
+# The settings that make a run what it is, in reading order: a run's model card lists them, and a training form shows
+# them (all but `model` and `vae`, which a notebook picks in code for its mode).
+KEY_SETTINGS = (
+    "model",
+    "vae",
+    "instance_prompt",
+    "class_prompt",
+    "with_prior_preservation",
+    "prior_weight",
+    "num_class_images",
+    "resolution",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "optimizer",
+    "use_8bit_adam",
+    "train_text_encoder",
+    "text_encoder_lr",
+    "text_encoder_fraction",
+    "use_lora",
+    "lora_rank",
+    "lora_alpha",
+    "use_dora",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "noise_offset",
+    "min_snr_gamma",
+    "checkpointing_steps",
+    "validation_prompts",
+    "seed",
+)
+
 _SD15 = DEFAULT_MODELS["sd"]
 _SDXL = DEFAULT_MODELS["sdxl"]
 

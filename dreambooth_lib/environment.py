@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from dataclasses import dataclass
@@ -98,3 +99,15 @@ def environment_report() -> EnvironmentReport:
     for package in ("torch", "diffusers", "transformers", "accelerate", "peft"):
         versions[package] = _version(package)
     return EnvironmentReport(mode=select_mode(), device=_device_line(default_device()), versions=versions)
+
+
+# Loggers of third-party packages whose warnings say nothing about how this package uses them: bitsandbytes' optional
+# CPU 4-bit kernel (8-bit Adam here is CUDA only) and transformers' switch to its PIL image processors when torchvision
+# is absent (evaluation hands it PIL images). Every command printed them before its own first line.
+HARMLESS_WARNING_LOGGERS = ("bitsandbytes.backends.cpu.ops", "transformers.utils.import_utils")
+
+
+def quiet_known_warnings() -> None:
+    """Hide the warnings of `HARMLESS_WARNING_LOGGERS` (errors still show); call it before those packages load."""
+    for name in HARMLESS_WARNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -35,7 +35,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTMod
 from dreambooth_lib.assets import data_dir
 from dreambooth_lib.environment import default_device, select_mode
 from dreambooth_lib.generate import generate
-from dreambooth_lib.models import _source_error, load_tokenizer
+from dreambooth_lib.models import _source_error, load_run_pipeline, load_tokenizer, tiny_clip_text_config
 
 # The hub repositories keep safetensors weights on the safetensors bot's pull-request branches, not on main (which
 # holds only pickled .bin files); those refs are pinned so loading never falls back to a pickle.
@@ -155,17 +155,7 @@ def tiny_backbones(seed: int = 0) -> Backbones:
     torch.manual_seed(seed + 1)
     clip = CLIPModel(
         CLIPConfig(
-            text_config=dict(
-                vocab_size=49408,  # the real vocabulary, so the real tokenizer's ids are valid
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            ),
+            text_config=tiny_clip_text_config(32).to_dict(),
             vision_config=dict(
                 image_size=size,
                 patch_size=8,
@@ -481,8 +471,6 @@ def evaluate_runs(
     `protocol` takes `evaluate_pipeline`'s keywords (images_per_prompt, prompt_count, seed, ...). Each pipeline is
     freed before the next loads, so only one model sits in memory.
     """
-    from dreambooth_lib.models import load_run_pipeline
-
     device = torch.device(device) if device is not None else default_device()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     results = []

@@ -247,10 +247,18 @@ class FolderReport:
         messages += [f"{row.file}: {row.note}" for row in self.refused]
         return messages
 
-    def raise_for_problems(self) -> None:
-        """Raise a DataError listing every refused file (and folder problem); do nothing when the folder is ok."""
-        if not self.ok:
-            raise DataError(f"{self.folder} cannot be used for training:\n  - " + "\n  - ".join(self.problems()))
+    def raise_for_problems(self, setting: str | None = None) -> None:
+        """Raise a DataError listing every refused file (and folder problem); do nothing when the folder is ok.
+
+        `setting`: the name the user gave the folder under (e.g. "instance_dir"), put first in the message.
+        """
+        if self.ok:
+            return
+        prefix = f"{setting}: " if setting else ""
+        problems = self.problems()
+        if len(problems) == 1 and self.folder_problem:  # missing, not a folder, no images: one line
+            raise DataError(prefix + self.folder_problem)
+        raise DataError(f"{prefix}{self.folder} cannot be used for training:\n  - " + "\n  - ".join(problems))
 
 
 def _skip_reason(path: Path) -> str | None:

@@ -9,38 +9,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from dreambooth_lib.config import TrainConfig
-
-# The settings a reader needs to judge or repeat the run, in this order.
-_SHOWN = (
-    "model",
-    "vae",
-    "instance_prompt",
-    "class_prompt",
-    "with_prior_preservation",
-    "prior_weight",
-    "num_class_images",
-    "resolution",
-    "train_batch_size",
-    "gradient_accumulation_steps",
-    "max_steps",
-    "learning_rate",
-    "lr_scheduler",
-    "lr_warmup_steps",
-    "optimizer",
-    "use_8bit_adam",
-    "train_text_encoder",
-    "text_encoder_lr",
-    "text_encoder_fraction",
-    "use_lora",
-    "lora_rank",
-    "lora_alpha",
-    "use_dora",
-    "mixed_precision",
-    "noise_offset",
-    "min_snr_gamma",
-    "seed",
-)
+from dreambooth_lib.config import KEY_SETTINGS, TrainConfig
 
 
 def write_model_card(config: TrainConfig, run_dir: str | Path, kind: str, losses: list[dict]) -> Path:
@@ -49,15 +18,17 @@ def write_model_card(config: TrainConfig, run_dir: str | Path, kind: str, losses
     method = "LoRA" if config.use_lora else "full fine-tune"
     pipeline_class = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
     values = dataclasses.asdict(config)
-    rows = "\n".join(f"| `{name}` | `{values[name]!r}` |" for name in _SHOWN)
+    rows = "\n".join(f"| `{name}` | `{values[name]!r}` |" for name in KEY_SETTINGS)
     final = losses[-1]["loss"] if losses else math.nan
+    # Paths as the run was given them (output_dir): they work from the folder the user trained in.
+    where = run_dir.as_posix()
     if config.use_lora:
         load = (
             f"pipe = {pipeline_class}.from_pretrained({config.model!r})\n"
-            f'pipe.load_lora_weights("{run_dir.name}")  # or the kohya file lora_kohya.safetensors in A1111/ComfyUI'
+            f'pipe.load_lora_weights("{where}")  # or the kohya file lora_kohya.safetensors in A1111/ComfyUI'
         )
     else:
-        load = f'pipe = {pipeline_class}.from_pretrained("{run_dir.name}/pipeline")'
+        load = f'pipe = {pipeline_class}.from_pretrained("{where}/pipeline")'
     prior = "(no prior preservation)"
     if config.with_prior_preservation:
         prior = f"(class prompt `{config.class_prompt}`, prior-preservation weight {config.prior_weight})"
@@ -97,7 +68,7 @@ image = pipe({config.validation_prompts[0]!r}).images[0]
 ```
 
 or, for any run folder (also one trained on the tiny model):
-`dreambooth_lib.train.load_run_pipeline("{run_dir.name}")`.
+`dreambooth_lib.models.load_run_pipeline("{where}")`.
 
 ## Settings
 

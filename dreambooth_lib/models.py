@@ -109,8 +109,9 @@ def load_tokenizer(folder: str | os.PathLike = TOKENIZER_DIR, *, pad_token: str 
 # Tiny components: real classes, small configs, fixed seeds.
 
 
-def _tiny_text_encoder(hidden_size: int, *, projection_dim: int | None, seed: int) -> CLIPTextModel:
-    config = CLIPTextConfig(
+def tiny_clip_text_config(hidden_size: int, projection_dim: int | None = None) -> CLIPTextConfig:
+    """A two-layer CLIP text encoder's config on the real vocabulary: the tiny models' (and tiny backbones') one."""
+    return CLIPTextConfig(
         vocab_size=49408,  # the real vocabulary, so the real tokenizer's ids are valid
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -123,6 +124,10 @@ def _tiny_text_encoder(hidden_size: int, *, projection_dim: int | None, seed: in
         eos_token_id=49407,
         pad_token_id=49407,
     )
+
+
+def _tiny_text_encoder(hidden_size: int, *, projection_dim: int | None, seed: int) -> CLIPTextModel:
+    config = tiny_clip_text_config(hidden_size, projection_dim)
     torch.manual_seed(seed)
     model_class = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
     return model_class(config).eval()
@@ -374,6 +379,15 @@ def _read_model_index(source: str, revision: str | None) -> dict:
     if _looks_like_path(source):
         folder = Path(source).expanduser()
         index = folder / "model_index.json"
+        if (folder / "pipeline" / "model_index.json").is_file():
+            raise ModelSourceError(
+                f"{folder} is a training run folder: pass the pipeline inside it, {folder / 'pipeline'}"
+            )
+        if (folder / LORA_WEIGHT_NAME_SAFE).is_file():
+            raise ModelSourceError(
+                f"{folder} holds a LoRA, not a whole model: pass the base model it was trained on as the model and "
+                "this folder as the LoRA (`--lora`, or `load_run_pipeline`)"
+            )
         if not index.is_file():
             raise ModelSourceError(
                 f"{folder} is not a diffusers pipeline folder (no model_index.json there). Save one with "

@@ -30,6 +30,11 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None, *, gap
     return grid
 
 
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The trailing mean of the last `window` values at each point (fewer at the start): the loss curves' smoothing."""
+    return [sum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(values))]
+
+
 def loss_curve(csv_or_rows, out_path) -> Path:
     """Plot a training loss log (loss.csv path, or rows of dicts with step/loss[/prior_loss]) to a PNG.
 
@@ -56,10 +61,7 @@ def loss_curve(csv_or_rows, out_path) -> Path:
         if len(values) != len(steps) or all(math.isnan(value) for value in values):
             continue
         window = max(1, len(values) // 20)
-        smooth = [
-            sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-            for i in range(len(values))
-        ]
+        smooth = moving_average(values, window)
         axis.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
         axis.plot(steps, smooth, color=colour, label=f"{column} (moving average of {window})")
     axis.set_xlabel("optimiser step")

@@ -109,7 +109,7 @@ def set_up(config: TrainConfig) -> Training:
 
     # 1. Check the photos before any model loads (a bad file fails here, naming itself); keep them decoded.
     instance_report = images.check_folder(config.instance_dir, config.resolution, keep_images=True)
-    instance_report.raise_for_problems()
+    instance_report.raise_for_problems("instance_dir")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.json")
@@ -337,6 +337,8 @@ def _resume(
 
 
 def _loop(training: Training, callbacks: Sequence[Callback]) -> None:
+    """Train from `start_step` to `max_steps`: per batch noise, loss, backward, and (every accumulation) one optimiser
+    step; per optimiser step a loss.csv row, the callbacks, and the checkpoints and validation images due."""
     config, accelerator = training.config, training.accelerator
     steps_per_epoch = math.ceil(len(training.loader) / config.gradient_accumulation_steps)
     text_encoder_steps = round(config.text_encoder_fraction * config.max_steps)
@@ -421,12 +423,6 @@ def _add_parts(total: torch.Tensor | None, parts: LossParts) -> torch.Tensor:
     prior = parts.prior.detach() if parts.prior is not None else torch.tensor(float("nan"), device=parts.total.device)
     values = torch.stack([parts.total.detach(), parts.instance.detach(), prior]).float()
     return values if total is None else total + values
-
-
-def _loss_row(accelerator: Accelerator, step: int, parts_sum: torch.Tensor, count: int, lr: float) -> dict:
-    """One row of loss.csv: the step's losses averaged over micro-batches and processes."""
-    loss, instance, prior = (accelerator.reduce(parts_sum / count, reduction="mean")).tolist()
-    return {"step": step, "loss": loss, "instance_loss": instance, "prior_loss": prior, "lr": lr}
 
 
 def _loss_row(accelerator: Accelerator, step: int, parts_sum: torch.Tensor, count: int, lr: float) -> dict:

@@ -21,34 +21,13 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 from PIL import Image
 
-from dreambooth_lib.config import PRESETS, ConfigError, TrainConfig
+from dreambooth_lib.config import KEY_SETTINGS, PRESETS, ConfigError, TrainConfig
 from dreambooth_lib.environment import default_device
 from dreambooth_lib.memory import REFERENCE_GPUS, estimate_memory_gib
+from dreambooth_lib.plots import moving_average
 
 # The settings a DreamBooth notebook asks about; the rest keep the notebook's values (the form accepts any list).
-DEFAULT_FIELDS = (
-    "instance_prompt",
-    "class_prompt",
-    "with_prior_preservation",
-    "prior_weight",
-    "num_class_images",
-    "resolution",
-    "train_batch_size",
-    "gradient_accumulation_steps",
-    "max_steps",
-    "learning_rate",
-    "lr_scheduler",
-    "train_text_encoder",
-    "text_encoder_lr",
-    "use_lora",
-    "lora_rank",
-    "mixed_precision",
-    "gradient_checkpointing",
-    "use_8bit_adam",
-    "checkpointing_steps",
-    "validation_prompts",
-    "seed",
-)
+DEFAULT_FIELDS = tuple(name for name in KEY_SETTINGS if name not in ("model", "vae"))
 # Describe the subject, not the hardware: choosing a preset keeps these as the notebook set them.
 SUBJECT_FIELDS = ("instance_dir", "instance_prompt", "class_dir", "class_prompt", "validation_prompts", "output_dir")
 NOTEBOOK_DEFAULTS = "(this notebook's settings)"
@@ -304,9 +283,7 @@ class LiveLossPlot:
         for name, points in self.history.items():
             steps, values = zip(*points, strict=True)
             line = axes.plot(steps, values, alpha=0.3, linewidth=1)[0]
-            window = min(self.smoothing, len(values))
-            means = [sum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(values))]
-            axes.plot(steps, means, color=line.get_color(), label=name)
+            axes.plot(steps, moving_average(values, self.smoothing), color=line.get_color(), label=name)
         axes.set_xlabel("step")
         axes.set_ylabel("loss (MSE)")
         axes.legend(loc="upper right")

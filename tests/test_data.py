@@ -199,6 +199,32 @@ def test_check_data_command_exit_code(awkward, capsys, folder, code):
         assert "00.jpg  512x512  RGB   ok" in out and "5 usable image(s), 0 refused -> usable" in out
 
 
+def test_check_progress_counts_images_not_their_sidecars(tmp_path, capsys):
+    for index in range(2):
+        Image.new("RGB", (8, 8), RED).save(tmp_path / f"{index:04d}.png")
+        (tmp_path / f"{index:04d}.json").write_text("{}")
+    report = check_folder(tmp_path, progress=True)
+    assert len(report.usable) == 2
+    progress = capsys.readouterr().err
+    assert "0/2" in progress and "/4" not in progress
+
+
+def test_training_decodes_each_image_once(folders, monkeypatch):
+    """The check keeps what it decoded; the dataset (and its latent cache) never opens the files again."""
+    import dreambooth_lib.images as images
+
+    opened = []
+    real_open = images._open
+    monkeypatch.setattr(images, "_open", lambda path: opened.append(path.name) or real_open(path))
+    instance, classes = folders
+    report = check_folder(instance, 64, progress=False, keep_images=True)
+    dataset = DreamBoothDataset(report, "sks", 64, class_dir=classes, class_prompt="dog")
+    for index in range(len(dataset)):
+        dataset[index]
+    names = sorted(path.name for path in [*instance.iterdir(), *classes.glob("*.png")])
+    assert sorted(opened) == names  # each image once: the instance check, then the class folder's check
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Transforms and the dataset
 

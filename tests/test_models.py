@@ -107,3 +107,37 @@ def test_folder_without_model_index_is_refused(tmp_path):
 def test_kind_mismatch_is_refused(tiny_sd_folder):
     with pytest.raises(ModelSourceError, match="'sd' model"):
         load_components(str(tiny_sd_folder), kind="sdxl")
+
+
+@pytest.mark.parametrize(("folder_fixture", "kind"), [("tiny_sd_folder", "sd"), ("tiny_sdxl_folder", "sdxl")])
+def test_loader_and_memory_estimate_read_the_same_kind_from_the_model(request, folder_fixture, kind):
+    """kind=None means "read it from the model", for the loader and the estimator alike: an SDXL folder given without
+    kind is estimated as SDXL (it was estimated as SD 1.5, about 3x too low)."""
+    from dreambooth_lib.config import TrainConfig
+    from dreambooth_lib.memory import FAMILIES, family_size
+
+    folder = str(request.getfixturevalue(folder_fixture))
+    assert TrainConfig().kind is None
+    assert load_components(folder).kind == kind
+    assert family_size(TrainConfig(model=folder)) is FAMILIES[kind]
+    other = "sd" if kind == "sdxl" else "sdxl"
+    with pytest.raises(ModelSourceError, match=f"kind='{other}'"):
+        load_components(folder, kind=other)
+
+
+def test_default_ids_and_tiny_resolve_without_the_hub():
+    from dreambooth_lib.families import DEFAULT_MODELS
+    from dreambooth_lib.models import resolve_kind
+
+    assert resolve_kind(DEFAULT_MODELS["sdxl"]) == "sdxl" and resolve_kind(DEFAULT_MODELS["sd"]) == "sd"
+    assert resolve_kind("tiny") == "sd" and resolve_kind("tiny", "sdxl") == "sdxl"
+    assert load_components("tiny").kind == "sd"
+
+
+def test_a_run_folder_given_as_a_model_names_the_pipeline_inside(tmp_path):
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    with pytest.raises(
+        ModelSourceError, match=f"training run folder: pass the pipeline inside it, {tmp_path}/pipeline"
+    ):
+        load_components(str(tmp_path))

@@ -343,9 +343,19 @@ def test_accelerate_launch_on_two_processes_trains_and_saves_once(tmp_path):
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
 
 
-def test_demo_writes_pipeline_samples_and_loss_curve(tmp_path):
-    out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--steps", "3"]) == 0
+def test_demo_writes_pipeline_samples_and_loss_curve(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as a user runs it: a relative output folder, from their own folder
+    torch.set_num_threads(2)  # the module's fixture set one; the demo must put back whatever it found
+    try:
+        assert cli.main(["demo", "--out", "runs/demo", "--steps", "3"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    out = tmp_path / "runs" / "demo"
     for name in ("pipeline/model_index.json", "samples.png", "loss.png", "README.md"):
         assert (out / name).is_file(), name
     assert json.loads((out / "config.json").read_text())["with_prior_preservation"] is True
+    # The model card's paths work from where the user stands.
+    card = (out / "README.md").read_text()
+    assert 'from_pretrained("runs/demo/pipeline")' in card and 'load_run_pipeline("runs/demo")' in card
+    assert Path("runs/demo/pipeline/model_index.json").is_file()
