@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import extract_model_from_parallel
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 from dreambooth_lib.models import Components
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LORA_WEIGHTS_NAME = LORA_WEIGHT_NAME_SAFE  # diffusers' file name, the one load_lora_weights looks for
 # The attention projections of every transformer block: what the DreamBooth LoRA scripts adapt.
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
