@@ -131,8 +131,9 @@ def set_up(config: TrainConfig) -> Training:
         random_flip=config.random_flip,
     )
 
-    # 3. Load; freeze what is not trained. Seeded here, after class-image generation (which may or may not run), so
-    #    every run trains alike; each process draws different noise.
+    # 3. Load; freeze what is not trained, in the low-precision dtype; what is trained stays fp32 (fp16 master weights
+    #    cannot be unscaled: "Attempting to unscale FP16 gradients"). Seeded here, after class-image generation (which
+    #    may or may not run), so every run trains alike; each process draws different noise.
     set_seed(config.seed, device_specific=True)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     components = load_base(config)
