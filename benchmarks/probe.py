@@ -12,6 +12,9 @@ labelled so) and the exit status.
 
 `--card-gib N` (CUDA): the process may use at most N GiB of the card (`torch.cuda.set_per_process_memory_fraction`),
 so a run that would not fit a card of N GiB fails here with "CUDA out of memory" even on a larger card.
+
+`--profile-after K`: PyTorch's profiler records optimiser steps K+1..K+3 and the JSON gets its per-operator table
+(self CUDA time first on a GPU): where one side spends a step that the other does not.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 GIB = 2**30
+PROFILED_STEPS = 3
 
 
 def memory_fraction(card_gib: float, total_bytes: int) -> float:
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--result", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--card-gib", type=float, help="the card size to run under (CUDA)")
+    parser.add_argument("--profile-after", type=int, help="profile the 3 optimiser steps after this many")
     parser.add_argument("target", nargs=argparse.REMAINDER, help="-- SCRIPT.py ARGS... or -- -m MODULE ARGS...")
     args = parser.parse_args(argv)
     target = args.target[1:] if args.target[:1] == ["--"] else args.target
@@ -86,10 +91,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_per_process_memory_fraction(fraction)
         report["memory_fraction"] = fraction
 
+    profiler = None
+
     def on_step(optimizer, *_):
+        nonlocal profiler
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         report["stamps"].append(time.perf_counter() - started)
+        done = len(report["stamps"])
+        if done == args.profile_after:
+            profiler = torch.profiler.profile()
+            profiler.__enter__()
+        elif profiler is not None and done == args.profile_after + PROFILED_STEPS:
+            profiler.__exit__(None, None, None)
+            order = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            report["profile"] = profiler.key_averages().table(sort_by=order, row_limit=30)
+            profiler = None
 
     register_optimizer_step_post_hook(on_step)
     torchvision_without_its_extension()

@@ -21,6 +21,7 @@ runs a whole recipe, class images included).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -55,6 +56,7 @@ class Case:
     steps: int
     environment: dict[str, str] = field(default_factory=dict)  # e.g. allocator options, ours only
     official: bool = True  # also run the official script
+    profile: bool = False  # both sides also profile probe.PROFILED_STEPS steps after the measured ones
 
     @property
     def name(self) -> str:
@@ -65,7 +67,7 @@ CPU_CASES = [Case("tiny-cpu", warmup=3, steps=20)]
 # SDXL's presets accumulate 4 batches per optimiser step, so 6 steps are 24 UNet passes. The T4 cases come first: a
 # run cut short still has them.
 GPU_CASES = [
-    Case("sd15-full-t4", warmup=3, steps=15),
+    Case("sd15-full-t4", warmup=3, steps=15, profile=True),  # 13% slower than official on 2026-11-29: find why
     Case("sdxl-lora-t4", warmup=2, steps=5),
     Case("sd15-full-fast", warmup=3, steps=15),
     Case("sdxl-lora-fast", warmup=2, steps=5),
@@ -106,7 +108,7 @@ def bench_config(case: Case, model: str, output_dir: Path, *, cpu: bool = False)
         instance_dir=str(INSTANCE_DIR),
         class_dir=str(CLASS_DIR),
         num_class_images=len(list(CLASS_DIR.iterdir())),
-        max_steps=case.warmup + case.steps,
+        max_steps=case.warmup + case.steps + (probe.PROFILED_STEPS if case.profile else 0),
         lr_warmup_steps=0,
         checkpointing_steps=0,
         validation_steps=0,
@@ -172,13 +174,17 @@ def official_arguments(config: TrainConfig, output_dir: Path) -> list[str]:
 # One process per side, under the probe.
 
 
-def run_probed(target: list[str], *, card_gib: float | None, environment: dict, timeout: float) -> dict:
+def run_probed(
+    target: list[str], *, card_gib: float | None, environment: dict, timeout: float, profile_after: int | None = None
+) -> dict:
     """Run `target` (a script and its arguments, or -m MODULE ...) under probe.py in a fresh interpreter."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "probe.json"
         command = [sys.executable, str(PROBE), "--result", str(result)]
         if card_gib is not None:
             command += ["--card-gib", str(card_gib)]
+        if profile_after is not None:
+            command += ["--profile-after", str(profile_after)]
         env = {**os.environ, **environment}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))
         subprocess.run([*command, "--", *target], timeout=timeout, check=False, env=env)
@@ -187,13 +193,15 @@ def run_probed(target: list[str], *, card_gib: float | None, environment: dict, 
         return json.loads(result.read_text())
 
 
-def summarise(probe: dict, warmup: int) -> dict:
-    """Median s/step after warm-up and the peak, from the probe's JSON (a failed run keeps its error)."""
-    summary = {"exit": probe["exit"], "peak": probe["peak"], "seconds": probe["seconds"], "steps": len(probe["stamps"])}
-    if "error" in probe:
-        summary["error"] = probe["error"]
-    if probe["exit"] == 0 and len(probe["stamps"]) > warmup:
-        durations = common.step_durations(probe["stamps"], warmup)
+def summarise(result: dict, warmup: int, steps: int) -> dict:
+    """Median s/step of `steps` steps after warm-up and the peak, from the probe's JSON (a failure keeps its error)."""
+    stamps = result["stamps"][: warmup + steps]  # profiled steps, if any, come after and are left out
+    summary = {"exit": result["exit"], "peak": result["peak"], "seconds": result["seconds"], "steps": len(stamps)}
+    for key in ("error", "profile"):
+        if key in result:
+            summary[key] = result[key]
+    if result["exit"] == 0 and len(stamps) > warmup:
+        durations = common.step_durations(stamps, warmup)
         summary.update(median_s_per_step=statistics.median(durations), step_seconds=durations)
     return summary
 
@@ -216,7 +224,9 @@ def run_case(case: Case, model: str, folder: Path, official_dir: Path, *, cpu: b
     results = {}
     for side, target in sides.items():
         extra = {**environment, **(case.environment if side == "ours" else {})}
-        results[side] = summarise(run_probed(target, card_gib=card, environment=extra, timeout=900), case.warmup)
+        profile_after = case.warmup + case.steps if case.profile else None
+        result = run_probed(target, card_gib=card, environment=extra, timeout=900, profile_after=profile_after)
+        results[side] = summarise(result, case.warmup, case.steps)
         speed = results[side].get("median_s_per_step")
         print(
             f"{case.name} / {side}: {speed or float('nan'):.4f} s/step, peak {peak_gib(results[side]):.2f} GiB, "
@@ -304,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown case(s) {unknown}; this mode has {sorted({case.preset for case in cases})}")
         cases = [case for case in cases if case.preset in wanted]
     if args.steps:
-        cases = [Case(c.preset, c.warmup, args.steps, c.environment, c.official) for c in cases]
+        cases = [dataclasses.replace(case, steps=args.steps) for case in cases]
     output = args.json or common.RESULTS / f"train_speed-{label}.json"
     started = time.perf_counter()
     report = {"machine": common.machine(), "mode": label, "command": " ".join(sys.argv), "cases": []}

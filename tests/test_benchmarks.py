@@ -89,10 +89,14 @@ def test_class_image_benchmark_reports_both_generators(benchmarks, tmp_path, cap
 
 
 def run_probe(tmp_path: Path, *arguments: str) -> dict:
+    """probe.py on the stand-in script; options before "--profile-after" go to the script, that one to the probe."""
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
     result = tmp_path / "probe.json"
     probe = [sys.executable, str(BENCHMARKS / "probe.py"), "--result", str(result), "--card-gib", "15"]
+    if "--profile-after" in arguments:
+        at = arguments.index("--profile-after")
+        probe, arguments = [*probe, *arguments[at : at + 2]], arguments[:at]
     subprocess.run([*probe, "--", str(script), *arguments], check=False)
     return json.loads(result.read_text())
 
@@ -105,6 +109,8 @@ def test_probe_times_each_optimiser_step_and_reports_the_peak_and_exit(tmp_path)
     assert report["peak"]["kind"] == "CPU max RSS" and report["peak"]["rss_gib"] > 0.05
     failed = run_probe(tmp_path, "--max_train_steps", "2", "--exit", "3")
     assert failed["exit"] == 3 and len(failed["stamps"]) == 2  # a failed run still reports what it did
+    profiled = run_probe(tmp_path, "--max_train_steps", "6", "--profile-after", "2")
+    assert "aten::" in profiled["profile"] and "Self CPU" in profiled["profile"]  # steps 3-5 were profiled
 
 
 def test_card_gib_is_the_share_of_the_card_the_allocator_gets(benchmarks):
@@ -134,7 +140,7 @@ def test_both_sides_get_the_same_settings_and_the_t4_ones_the_card(
         pytest.skip(f"the official scripts are not beside this checkout ({official})")
     calls = []
 
-    def fake_probe(target, *, card_gib, environment, timeout):
+    def fake_probe(target, *, card_gib, environment, timeout, profile_after=None):
         calls.append((target, card_gib))
         return {"exit": 0, "stamps": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "seconds": 7.0, "peak": {"allocated_gib": 1.0}}
 
