@@ -1,7 +1,7 @@
-"""What the benchmarks share: the machine they ran on, peak memory, fresh worker processes, full-size random models.
+"""What the benchmarks share: the machine they ran on, step timing, options, results files, full-size random models.
 
-Each measured loop runs in a fresh Python process, so one loop's allocator cache, peak-memory counters and warm
-kernels never leak into the next one's figures.
+Each measured training run has a fresh Python process (`probe.py`), so one run's allocator cache, peak-memory counters
+and warm kernels never leak into the next one's figures.
 """
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from importlib import metadata
@@ -36,19 +33,6 @@ def machine() -> dict:
     return {"device": device, "python": platform.python_version(), **versions, "date": time.strftime("%Y-%m-%d")}
 
 
-def reset_peak_memory() -> None:
-    """Start the CUDA peak counter afresh (the CPU's max RSS cannot be reset: hence one process per loop)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory() -> tuple[float, str]:
-    """(GiB, what was measured): PyTorch's CUDA max allocated on a GPU, else the process's max resident set."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / GIB, "CUDA max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "CPU max RSS"  # Linux reports KiB
-
-
 def synchronize() -> None:
     """Wait for queued GPU work, so a timestamp means the work before it has finished."""
     if torch.cuda.is_available():
@@ -61,20 +45,6 @@ def step_durations(stamps: list[float], warmup: int) -> list[float]:
         raise ValueError(f"need at least one warm-up step and one measured step; got {len(stamps)} for {warmup=}")
     measured = stamps[warmup - 1 :]
     return [later - earlier for earlier, later in zip(measured[:-1], measured[1:], strict=True)]
-
-
-def run_worker(script: Path, arguments: list[str], timeout: float) -> dict:
-    """Run `script --result FILE arguments...` in a fresh interpreter and return the JSON it wrote to FILE.
-
-    The worker's output streams through, so its progress bars show; a failed worker raises with its exit status.
-    """
-    with tempfile.TemporaryDirectory() as folder:
-        result = Path(folder) / "result.json"
-        command = [sys.executable, str(script), "--result", str(result), *arguments]
-        completed = subprocess.run(command, timeout=timeout, check=False)
-        if completed.returncode != 0:
-            raise RuntimeError(f"benchmark worker failed (exit {completed.returncode}): {' '.join(command)}")
-        return json.loads(result.read_text())
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one command, for a CUDA machine that may have no internet (about 10 minutes on an H100/H200).
+# The GPU benchmarks, for a CUDA machine that may have no internet.
 #
-#   benchmarks/gpu.sh --fetch-wheels   # where PyPI is reachable: the packages a bare PyTorch image lacks, into .whl/
+#   benchmarks/gpu.sh --fetch-wheels   # where PyPI is reachable: the packages a bare PyTorch image lacks, and a copy of
+#                                      # the official diffusers scripts (from $OFFICIAL, default
+#                                      # ../shared/reference/diffusers-examples), into .whl/ (gitignored: carried, not
+#                                      # committed)
 #   benchmarks/gpu.sh [PART ...]       # on the GPU machine: installs .whl/ when present, then measures each PART:
-#       train   train_speed.py --gpu: every preset, ours against the reference loop (sized for ~8 minutes)
+#       train   train_speed.py --gpu --card-gib 15: every preset, ours against the official script on the same random
+#               full-size model folder, the T4 presets as on a 15 GiB card (~7 minutes on an H200)
+#       seed    seed_recipe.py --gpu --card-gib 15: the seed SD 1.5 recipe end to end (class images, 400 steps, saving;
+#               ~5 minutes)
 #       class   class_images.py --gpu: class-image throughput, SD 1.5 and SDXL (~2 minutes)
 #       memory  activation_memory.py: real CUDA peaks of one step beside the CPU counts (~3 minutes)
-#     (all three when none is named; where one command may run at most 10 minutes, run `train` alone first)
+#     (train when none is named: one command may run at most 10 minutes, so run the others one per command)
 #
 # It writes PART-gpu.json files to $OUT when set, else to benchmarks/results/, and prints the tables that README.md's
-# speed and memory table is filled from. The machine needs torch, transformers, accelerate
-# and peft; diffusers and bitsandbytes (8-bit Adam of the T4 presets) come from the wheels.
+# speed and memory section is filled from. The machine needs torch, torchvision, transformers, accelerate and peft;
+# diffusers and bitsandbytes (8-bit Adam of the T4 presets) come from the wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +29,11 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     done
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" --platform any -d .whl "${WHEELS[@]}"
+    official="${OFFICIAL:-../shared/reference/diffusers-examples}"
+    [[ -f "$official/train_dreambooth.py" ]] || { echo "no official scripts in $official: set OFFICIAL" >&2; exit 2; }
+    chmod -R u+w .whl/official 2>/dev/null || true
+    rm -rf .whl/official && mkdir -p .whl/official
+    cp "$official"/*.py "$official"/LICENSE .whl/official/ && chmod -R u+w .whl/official
     exit 0
 fi
 
@@ -33,14 +44,19 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 results="${OUT:-benchmarks/results}"
+official="${OFFICIAL:-.whl/official}"
+[[ -f "$official/train_dreambooth.py" ]] || official=../shared/reference/diffusers-examples
 python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: run the CPU benchmarks instead')"
 parts=("$@")
-[[ ${#parts[@]} -gt 0 ]] || parts=(train class memory)
+[[ ${#parts[@]} -gt 0 ]] || parts=(train)
 for part in "${parts[@]}"; do
     case "$part" in
-        train) python3 benchmarks/train_speed.py --gpu --json "$results/train_speed-gpu.json" ;;
+        train)
+            python3 benchmarks/train_speed.py --gpu --card-gib 15 --official "$official" \
+                --json "$results/train_speed-gpu.json" ;;
+        seed) python3 benchmarks/seed_recipe.py --gpu --card-gib 15 --json "$results/seed_recipe-gpu.json" ;;
         class) python3 benchmarks/class_images.py --gpu --json "$results/class_images-gpu.json" ;;
         memory) python3 benchmarks/activation_memory.py --json "$results/activation_memory-gpu.json" ;;
-        *) echo "unknown part '$part': use train, class or memory" >&2; exit 2 ;;
+        *) echo "unknown part '$part': use train, seed, class or memory" >&2; exit 2 ;;
     esac
 done

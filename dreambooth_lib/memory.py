@@ -23,12 +23,21 @@ model family's parameter counts and the settings of a `TrainConfig`. The assumpt
   preservation) and (resolution / native)^2: the measured figures are linear in both to within 3% (SD 1.5 at 256-768
   px, SDXL at 512-1024 px). Without mixed precision, `FP32_ACTIVATION_FACTOR` times as much. Trained text encoders
   add their own activations per prompt.
-- **Sum.** The parts are added up. With gradient accumulation the gradients of earlier micro-batches do live through
-  the next forward; in a single-batch step backward frees activations as it creates gradients, so the sum is an upper
-  bound there.
+- **Three moments, the largest is the peak.** (1) *Caching latents*, before the optimiser exists: every module's
+  weights plus the VAE encoder's transient tensors for one batch (`data.ENCODE_PIXELS` per call). (2) *The loop*: the
+  weights still on the card (train.py parks a frozen VAE and frozen text encoders in CPU memory once latents and
+  prompts are cached), the optimiser state, and the larger of (weight copies + activations), alive during the
+  forward, and the gradients, which backward creates as it frees the activations (with gradient accumulation the
+  earlier micro-batches' gradients live through the next forward: then all three add up). (3) *Sampling* the
+  validation images: every weight back on the card, the optimiser state, and the VAE decoder's transient tensors
+  for `num_validation_images` images. The VAE's transients are counted per pixel and per byte of its dtype with fake
+  tensors by `benchmarks/vae_memory.py` (encoder 643 bytes, decoder 768: 1.26 / 1.50 GiB per 1024 px image in
+  fp16).
+- Checked against whole-process peaks measured on an H200 (2026-11-29, random weights; the table and its where and
+  when are in tests/test_memory.py): within 11% on every preset.
 - Not counted: the CUDA context (about 0.3-0.5 GiB outside PyTorch's allocator), kernel workspaces and allocator
-  fragmentation (`MemoryEstimate.fits` keeps 1 GiB free for these), encoding the latent cache before training, and
-  sampling validation images.
+  fragmentation (`MemoryEstimate.fits` keeps 1 GiB free for these), the UNet's no-grad activations while sampling,
+  and the fp32 cast of frozen modules before a full fine-tune is saved.
 
 Parameter counts are those of SD 1.5 and SDXL base 1.0 (SD 2.x is within a few percent of SD 1.5 in UNet size, its
 text encoder is larger), checked against `models.full_size_components`; the tiny components are counted from the real
@@ -45,9 +54,17 @@ from functools import cache
 import torch
 
 from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.data import ENCODE_PIXELS
 from dreambooth_lib.families import DEFAULT_MODELS, SDXL_FP16_VAE, TINY
 
 GIB = 2**30
+# The VAE's transient tensors without gradients, in bytes per pixel per byte of the VAE's dtype (the same for the
+# SD 1.5 and SDXL VAEs, one architecture with 128 channels at full resolution; tiny VAEs are scaled by their
+# channels): `python benchmarks/vae_memory.py`, 2026-11-29.
+VAE_ENCODE_BYTES = 644
+VAE_DECODE_BYTES = 769
+# Photos a DreamBooth subject folder holds (the paper's 3-5): with the class images, what the first VAE batch can hold.
+SUBJECT_PHOTOS = 5
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,7 @@ class FamilySize:
     text_lora_per_rank: tuple[int, ...]  # the same over each text encoder's q/k/v/out projections
     native_resolution: int
     activations: ActivationSizes
+    vae_channels: int = 128  # the VAE's full-resolution channels: its transient tensors scale with them
 
 
 # UNet and VAE counts: the diffusers models built from the published configs; text encoders: CLIP ViT-L/14 (SD 1.5,
@@ -139,22 +157,49 @@ class MemoryWarning(UserWarning):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Estimated peak GPU memory of a training run, in GiB, by what holds it."""
+    """Estimated peak GPU memory of a training run, in GiB, by what holds it and when (see the module docstring)."""
 
-    weights: float
+    weights: float  # every module's weights, as set up for training
     gradients: float
     optimizer_states: float
     activations: float
     weight_copies: float = 0.0  # autocast's 16-bit copies of the trained weights
+    parked: float = 0.0  # frozen weights train.py moves to CPU memory for the loop
+    accumulating: bool = False  # gradient accumulation: gradients live through the next forward
+    encoding: float = 0.0  # the VAE encoder's transient tensors while latents are cached (one batch)
+    decoding: float = 0.0  # the VAE decoder's transient tensors while validation images are sampled
 
     @property
     def static(self) -> float:
-        """What lives across steps: weights, gradients and optimiser state."""
-        return self.weights + self.gradients + self.optimizer_states
+        """What lives across steps in the loop: the weights on the card, gradients and optimiser state."""
+        return self.weights - self.parked + self.gradients + self.optimizer_states
+
+    @property
+    def loop(self) -> float:
+        """The training loop's peak: the forward's copies and activations, or the gradients backward makes."""
+        forward = self.weight_copies + self.activations
+        held = self.weights - self.parked + self.optimizer_states
+        return held + (forward + self.gradients if self.accumulating else max(forward, self.gradients))
+
+    @property
+    def caching(self) -> float:
+        """Caching latents: all the weights and one batch through the VAE encoder (no optimiser yet)."""
+        return self.weights + self.encoding
+
+    @property
+    def sampling(self) -> float:
+        """Sampling validation images: all the weights back, the optimiser state, the VAE decoder's batch."""
+        return self.weights + self.optimizer_states + self.decoding
 
     @property
     def total(self) -> float:
-        return self.static + self.weight_copies + self.activations
+        return max(self.loop, self.caching, self.sampling)
+
+    @property
+    def when(self) -> str:
+        """The moment of the peak: "the training loop", "caching latents" or "sampling images"."""
+        moments = {"the training loop": self.loop, "caching latents": self.caching, "sampling images": self.sampling}
+        return max(moments, key=moments.__getitem__)
 
     def fits(self, device_gib: float) -> bool:
         """Whether the estimate leaves `RESERVE_GIB` of the card free for the CUDA context and fragmentation."""
@@ -163,12 +208,13 @@ class MemoryEstimate:
     def __str__(self) -> str:
         # Tiny runs need megabytes: show MiB so their figures are not all 0.0.
         scale, unit = (1, "GiB") if self.total >= 1 else (1024, "MiB")
-        parts = {"weights": self.weights, "gradients": self.gradients, "optimiser": self.optimizer_states}
+        parts = {"weights": self.weights - self.parked, "gradients": self.gradients}
+        parts["optimiser"] = self.optimizer_states
         if self.weight_copies:  # only under mixed precision
             parts["16-bit weight copies"] = self.weight_copies
         parts["activations"] = self.activations
         detail = ", ".join(f"{name} {value * scale:.1f}" for name, value in parts.items())
-        return f"~{self.total * scale:.1f} {unit} peak (estimate): {detail}"
+        return f"~{self.total * scale:.1f} {unit} peak (estimate, while {self.when}); in the loop: {detail}"
 
 
 @cache
@@ -198,6 +244,7 @@ def _tiny_family(kind: str) -> FamilySize:
         ),
         native_resolution=64,
         activations=TINY_ACTIVATIONS,
+        vae_channels=components.vae.config.block_out_channels[0],
     )
 
 
@@ -239,15 +286,28 @@ def estimate_memory_gib(config: TrainConfig) -> MemoryEstimate:
     optimizer = "adamw-8bit" if config.use_8bit_adam else config.optimizer
 
     images = config.train_batch_size * (2 if config.with_prior_preservation else 1)
-    activations = size.activations.per_image(config) * images * (config.resolution / size.native_resolution) ** 2
+    pixels = config.resolution**2
+    activations = size.activations.per_image(config) * images * pixels / size.native_resolution**2
     if not mixed:
         activations *= FP32_ACTIVATION_FACTOR
+    vae_bytes = _vae_bytes(config, compute_bytes)
+    # train.py parks what the loop never runs: the VAE once latents are cached, frozen text encoders once prompts are.
+    parked = (vae_bytes * size.vae if config.cache_latents else 0) + (
+        0 if config.train_text_encoder else compute_bytes * sum(size.text_encoders)
+    )
+    cached_images = SUBJECT_PHOTOS + (config.num_class_images if config.with_prior_preservation else 0)
+    encode_batch = min(max(1, ENCODE_PIXELS // pixels), cached_images)
+    per_pixel = vae_bytes * pixels * size.vae_channels / 128 / GIB
     return MemoryEstimate(
         weights=(4 * trained + frozen_bytes) / GIB,
         gradients=4 * trained / GIB,
         optimizer_states=OPTIMIZER_BYTES[optimizer] * trained / GIB,
         activations=activations,
         weight_copies=(2 * trained if mixed else 0) / GIB,
+        parked=parked / GIB,
+        accumulating=config.gradient_accumulation_steps > 1,
+        encoding=VAE_ENCODE_BYTES * per_pixel * encode_batch if config.cache_latents else 0.0,
+        decoding=VAE_DECODE_BYTES * per_pixel * config.num_validation_images,
     )
 
 
@@ -306,7 +366,7 @@ def memory_table(configs: Mapping[str, TrainConfig], gpus: Mapping[str, float] =
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, config in configs.items():
         estimate = estimate_memory_gib(config)
-        # 16-bit weight copies are weights too: in the static column, so the two columns add up to the total.
+        # The loop's parts (16-bit weight copies are weights too); the peak may come while caching or sampling.
         static = estimate.static + estimate.weight_copies
         fits = ["fits" if estimate.fits(gib) else "no" for gib in gpus.values()]
         cells = [name, f"{estimate.total:.1f} GiB", f"{static:.1f} GiB", f"{estimate.activations:.1f} GiB", *fits]
