@@ -200,7 +200,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callable[[int, dict], None]]
     # draws different noise.
     set_seed(config.seed, device_specific=True)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    components = _load_base(config)
+    components = _load_base(config, _load_dtypes(config, weight_dtype))
     trainable = _set_up_trainable(components, config, weight_dtype, accelerator.device)
     denoiser = Denoiser(components, config.train_text_encoder)
     if config.attention == "xformers":  # SDPA otherwise: diffusers' default on PyTorch 2
@@ -345,10 +345,21 @@ def _text_encoder_stops_early(config: TrainConfig) -> bool:
     return config.train_text_encoder and config.text_encoder_fraction < 1.0
 
 
-def _load_base(config: TrainConfig, torch_dtype: torch.dtype | None = None) -> Components:
+def _load_dtypes(config: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Frozen parts load straight in the compute precision (from fp16 files where the model has them: SDXL in fp32
+    would not fit a Colab runtime's 12.7 GB of RAM). Trained parts load in fp32, and so does the small VAE, which is
+    cast down later only if its config allows half precision."""
+    trained = {"vae"} if config.use_lora else {"vae", "unet"}
+    if config.train_text_encoder and not config.use_lora:
+        trained |= {"text_encoder", "text_encoder_2"}
+    return {"default": weight_dtype, **dict.fromkeys(trained, torch.float32)}
+
+
+def _load_base(config: TrainConfig, torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None) -> Components:
     if config.model == "tiny":
         components = tiny_components(config.kind)  # type: ignore[arg-type]
-        return components.to("cpu", torch_dtype) if torch_dtype else components
+        # Tiny parts are built in fp32; per-part precisions are set later, when the parts are placed for training.
+        return components.to("cpu", torch_dtype) if isinstance(torch_dtype, torch.dtype) else components
     kind = None if config.kind == "sd" else config.kind  # 'sd' is the default: read the family from the model
     return load_components(config.model, kind=kind, vae=config.vae, torch_dtype=torch_dtype)  # type: ignore[arg-type]
 

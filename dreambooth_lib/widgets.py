@@ -7,6 +7,7 @@ without anyone touching it (nbval, "Run all") trains with the notebook's default
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import io
@@ -362,3 +363,41 @@ def value_slider(
     slider.observe(redraw, names="value")
     redraw()
     return widgets.VBox([slider, picture])
+
+
+class InteractiveFigure:
+    """Controls and the matplotlib figure `draw(**values)` makes from their values, redrawn when a control changes.
+
+    A static view of the notebook (GitHub, nbviewer, a printed handout) cannot run widgets, so the cell's output also
+    carries a picture of the figure at the controls' starting values: Jupyter and Colab show the live controls, a
+    static view shows that picture instead of nothing.
+    """
+
+    def __init__(self, draw: Callable[..., Figure], **controls: widgets.ValueWidget) -> None:
+        self.draw = draw
+        self.controls = controls
+        self.picture = widgets.Image(format="png")
+        for name, control in controls.items():
+            control.description = control.description or name
+            control.observe(self.redraw, names="value")
+        self.redraw()
+        self.static_png = self.picture.value
+        self.widget = widgets.VBox([*controls.values(), self.picture])
+
+    def redraw(self, _change: Any = None) -> None:
+        figure = self.draw(**{name: control.value for name, control in self.controls.items()})
+        self.picture.value = figure_png(figure)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)  # drawn with pyplot: without this, Jupyter would show it a second time
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return {
+            "text/plain": f"{type(self).__name__}({', '.join(self.controls)})",
+            "image/png": base64.b64encode(self.static_png).decode("ascii"),
+            "application/vnd.jupyter.widget-view+json": {
+                "version_major": 2,
+                "version_minor": 0,
+                "model_id": self.widget.model_id,
+            },
+        }
