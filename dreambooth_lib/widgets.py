@@ -157,8 +157,17 @@ class TrainForm:
         self.widget = widgets.VBox([self.preset, *rows, self.memory, self.output])
         self.refresh()
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return _widget_bundle(self.widget, {"text/plain": "TrainForm", "text/html": self.settings_html()})
+
+    def settings_html(self) -> str:
+        """The form's fields and values as a table: what a static view of the notebook shows in place of the form."""
+        rows = "".join(
+            f"<tr><td><code>{name}</code></td><td>{html.escape(repr(getattr(self.config, name)))}</td>"
+            f"<td>{html.escape(help_text(name))}</td></tr>"
+            for name in self.inputs
+        )
+        return f"<table><tr><th>setting</th><th>value</th><th>meaning</th></tr>{rows}</table>{self.memory.value}"
 
     # ----------------------------------------------------------------------------------------------------------------
 
@@ -392,12 +401,15 @@ class InteractiveFigure:
         plt.close(figure)  # drawn with pyplot: without this, Jupyter would show it a second time
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        return {
-            "text/plain": f"{type(self).__name__}({', '.join(self.controls)})",
-            "image/png": base64.b64encode(self.static_png).decode("ascii"),
-            "application/vnd.jupyter.widget-view+json": {
-                "version_major": 2,
-                "version_minor": 0,
-                "model_id": self.widget.model_id,
-            },
-        }
+        static = {"text/plain": f"{type(self).__name__}({', '.join(self.controls)})"}
+        return _widget_bundle(self.widget, static | {"image/png": base64.b64encode(self.static_png).decode("ascii")})
+
+
+def _widget_bundle(widget: widgets.Widget, static: Mapping[str, Any]) -> dict[str, Any]:
+    """A widget's display data plus `static`, what views that cannot run widgets (GitHub, nbviewer, print) show.
+
+    Jupyter and Colab render the widget, the richest type they know; a static renderer skips the widget type it
+    cannot draw and takes the next one, the picture or table.
+    """
+    view = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+    return {**static, "application/vnd.jupyter.widget-view+json": view}

@@ -260,3 +260,14 @@ def test_loss_curve_leaves_the_notebook_backend_alone(tmp_path):
     path = loss_curve(rows, tmp_path / "loss.png")
     assert matplotlib.get_backend() == "module://matplotlib_inline.backend_inline"
     assert Image.open(path).size == (600, 350)
+
+
+def test_form_shows_its_settings_as_a_table_where_widgets_cannot_run(notebook_config):
+    form = widgets.TrainForm(notebook_config)
+    form.set("max_steps", 77)
+    bundle = form._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == form.widget.model_id
+    table = html.unescape(bundle["text/html"])
+    assert "<code>max_steps</code></td><td>77</td>" in table
+    assert "a photo of sks room" in table
+    assert "GPU memory" in table
