@@ -371,7 +371,21 @@ def value_slider(
 
     slider.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([slider, picture])
+    return _PictureBox([slider, picture], static_png=picture.value)
+
+
+class _PictureBox(widgets.VBox):
+    """A VBox that views unable to run widgets (GitHub, nbviewer, print) show as the picture of its starting value."""
+
+    def __init__(self, children: Sequence[widgets.Widget], *, static_png: bytes) -> None:
+        super().__init__(children)
+        self.static_png = static_png
+
+    def _ipython_display_(self, **kwargs: Any) -> None:  # IPython asks this first, under ipywidgets 7 and 8 alike
+        from IPython.display import display
+
+        static = {"text/plain": "slider", "image/png": base64.b64encode(self.static_png).decode("ascii")}
+        display(_widget_bundle(self, static), raw=True)
 
 
 class InteractiveFigure:

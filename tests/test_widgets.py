@@ -207,6 +207,7 @@ def test_value_slider_redraws_the_image_for_the_new_value():
     first = picture.value
     slider.value = 0.5
     assert seen == [1.0, 0.5] and picture.value != first
+    assert box.static_png == first, "a static view shows the picture of the starting value"
 
 
 def test_memory_table_has_one_row_per_setting_with_its_estimate_and_fit():
