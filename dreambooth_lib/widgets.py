@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from dreambooth_lib.config import PRESETS, ConfigError, TrainConfig
@@ -309,6 +310,7 @@ class LiveLossPlot:
             window = min(self.smoothing, len(values))
             means = [sum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(values))]
             axes.plot(steps, means, color=line.get_color(), label=name)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even in a 20-step run
         axes.set_xlabel("step")
         axes.set_ylabel("loss (MSE)")
         axes.legend(loc="upper right")
