@@ -58,9 +58,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """The DreamBooth paper's metrics for each run folder: calibration, table, results JSON, bar chart, grids."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: the command may run without a display
     from dreambooth_lib.evaluate import (
         PAPER_ROWS,
         calibrate,

@@ -36,9 +36,10 @@ def sample_noise(
 ) -> torch.Tensor:
     """ε ~ N(0, I) shaped like the latents, plus `offset_noise` times one N(0, 1) value per sample and channel.
 
-    Offset noise (Guttenberg 2023, "Diffusion with Offset Noise"; the DreamBooth seed blog uses 0.1) shifts each
-    channel's mean, so the model also learns to change an image's overall brightness, which plain noise leaves
-    almost untouched (very dark or very bright images become reachable).
+    Offset noise (Guttenberg 2023, "Diffusion with Offset Noise"; diffusers' DreamBooth script adds 0.1 of it under
+    `--offset_noise`, a flag the seed write-up's commands do not set) shifts each channel's mean, so the model also
+    learns to change an image's overall brightness, which plain noise leaves almost untouched (very dark or very
+    bright images become reachable).
     """
     if offset_noise < 0:
         raise ValueError(f"offset_noise must be >= 0 (0 turns it off; 0.1 is usual), got {offset_noise}")

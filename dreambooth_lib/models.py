@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -447,6 +447,55 @@ def resolve_kind(source: str, kind: Kind | None = None, revision: str | None = N
     return known.get(source) or detect_kind(_read_model_index(source, revision))
 
 
+# The pipeline folder's subfolder for each part, and the class that loads it.
+PARTS: dict[str, tuple[str, type]] = {
+    "tokenizer": ("tokenizer", CLIPTokenizer),
+    "tokenizer_2": ("tokenizer_2", CLIPTokenizer),
+    "text_encoder": ("text_encoder", CLIPTextModel),
+    "text_encoder_2": ("text_encoder_2", CLIPTextModelWithProjection),
+    "vae": ("vae", AutoencoderKL),
+    "unet": ("unet", UNet2DConditionModel),
+    "noise_scheduler": ("scheduler", DDPMScheduler),
+}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def load_part(
+    source: str,
+    part: str,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+):
+    """Load one part of a diffusers pipeline (see PARTS) from a hub id or folder, downloading only that part.
+
+    Weights loaded in fp16/bf16 come from the folder's `fp16` variant files when it has them (half the download and
+    half the memory while loading: SDXL in fp32 would need ~14 GB of RAM, more than a Colab runtime has); weights
+    loaded in fp32 come from the full-precision files, so parts that train start from the original numbers.
+    `subfolder=""` loads a standalone model folder or repository (e.g. the fp16-fix VAE).
+    """
+    folder, model_class = PARTS[part]
+    folder = folder if subfolder is None else subfolder or None
+    path = str(Path(source).expanduser()) if _looks_like_path(source) else source
+
+    def load(**weights):
+        return model_class.from_pretrained(path, subfolder=folder, revision=revision, **weights)
+
+    try:
+        if model_class in (CLIPTokenizer, DDPMScheduler):
+            return load()
+        if variant is None and torch_dtype in _HALF:
+            try:
+                return load(use_safetensors=True, torch_dtype=torch_dtype, variant="fp16")
+            except OSError:
+                pass  # this folder has no fp16 files: read the full-precision ones and cast them
+        return load(use_safetensors=True, torch_dtype=torch_dtype, variant=variant)
+    except Exception as error:
+        raise _source_error(f"{source}/{folder}" if folder else source, error) from error
+
+
 def load_components(
     source: str = TINY,
     *,
@@ -454,7 +503,7 @@ def load_components(
     vae: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
-    torch_dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
     seed: int = 0,
 ) -> Components:
     """Load the components of a Stable Diffusion model.
@@ -465,40 +514,37 @@ def load_components(
             the model (`resolve_kind`; the tiny model is then "sd").
         vae: another VAE (hub id or folder) to use instead of the model's own. SDXL from the default hub id uses the
             fp16-fix VAE unless told otherwise.
-        revision, variant: passed to `from_pretrained` (e.g. `variant="fp16"` halves the download).
-        torch_dtype: dtype of the loaded weights (tiny components are built in float32, then cast).
+        revision, variant: passed to `from_pretrained`. Without a variant, parts loaded in fp16/bf16 read the
+            model's `fp16` files where it has them (see `load_part`).
+        torch_dtype: dtype of the loaded weights, or one per part as a mapping such as
+            `{"unet": torch.float32, "default": torch.float16}` (a trained part in fp32, the frozen ones in fp16).
+            Tiny components are always built in float32.
         seed: seed of the tiny components.
     """
     if source == TINY:
         components = tiny_components(resolve_kind(source, kind), seed=seed)
-        return components.to("cpu", torch_dtype) if torch_dtype else components
+        # Built in fp32; a per-part mapping is applied later, where the parts are placed for training.
+        return components.to("cpu", torch_dtype) if isinstance(torch_dtype, torch.dtype) else components
     found = detect_kind(_read_model_index(source, revision))
     if kind is not None and kind != found:
         raise ModelSourceError(f"{source!r} is an {found!r} model, but kind={kind!r} was asked for.")
     if vae is None and found == "sdxl" and source == DEFAULT_MODELS["sdxl"]:
         vae = SDXL_FP16_VAE
+    dtypes = dict(torch_dtype) if isinstance(torch_dtype, Mapping) else {"default": torch_dtype}
 
-    def load(model_class, subfolder: str | None, path: str = source, **kwargs):
-        try:
-            return model_class.from_pretrained(path, subfolder=subfolder, revision=revision, **kwargs)
-        except Exception as error:
-            raise _source_error(f"{path}/{subfolder}" if subfolder else path, error) from error
+    def load(part: str, **kwargs):
+        dtype = dtypes.get(part, dtypes.get("default"))
+        return load_part(source, part, torch_dtype=dtype, variant=variant, revision=revision, **kwargs)
 
-    weights = dict(use_safetensors=True, torch_dtype=torch_dtype, variant=variant)
-    components = Components(
-        kind=found,
-        source=source,
-        tokenizer=load(CLIPTokenizer, "tokenizer"),
-        text_encoder=load(CLIPTextModel, "text_encoder", **weights),
-        vae=load(AutoencoderKL, None, vae, use_safetensors=True, torch_dtype=torch_dtype)
-        if vae
-        else load(AutoencoderKL, "vae", **weights),
-        unet=load(UNet2DConditionModel, "unet", **weights),
-        noise_scheduler=load(DDPMScheduler, "scheduler"),
-    )
-    if found == "sdxl":
-        components.tokenizer_2 = load(CLIPTokenizer, "tokenizer_2")
-        components.text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2", **weights)
+    parts = ["tokenizer", "text_encoder", "unet", "noise_scheduler"]
+    parts += ["tokenizer_2", "text_encoder_2"] if found == "sdxl" else []
+    loaded = {part: load(part) for part in parts}
+    if vae:  # a VAE of its own is a standalone model folder or repository: no subfolder
+        dtype = dtypes.get("vae", dtypes.get("default"))
+        loaded["vae"] = load_part(vae, "vae", torch_dtype=dtype, subfolder="")
+    else:
+        loaded["vae"] = load("vae")
+    components = Components(kind=found, source=source, **loaded)
     for module in (components.vae, components.unet, *components.text_encoders):
         module.eval()
     return components
@@ -552,7 +598,7 @@ def save_components(components: Components, folder: str | os.PathLike) -> Path:
 # The models of a run
 
 
-def load_base(config: TrainConfig, torch_dtype: torch.dtype | None = None) -> Components:
+def load_base(config: TrainConfig, torch_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None) -> Components:
     """The base model a run's settings name (`model`, `kind`, `vae`), as training loads it."""
     return load_components(config.model, kind=config.kind, vae=config.vae, torch_dtype=torch_dtype)  # type: ignore[arg-type]
 

@@ -38,14 +38,13 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 def loss_curve(csv_or_rows, out_path) -> Path:
     """Plot a training loss log (loss.csv path, or rows of dicts with step/loss[/prior_loss]) to a PNG.
 
-    The raw per-step loss is noisy (each step draws new timesteps), so a moving average is drawn over it.
+    The raw per-step loss is noisy (each step draws new timesteps), so a moving average is drawn over it. The figure is
+    drawn without pyplot, so saving it needs no display and leaves the backend a notebook shows its figures with alone.
     """
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: works without a display
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if isinstance(csv_or_rows, (str, Path)):
         with Path(csv_or_rows).open(newline="") as file:
@@ -55,15 +54,20 @@ def loss_curve(csv_or_rows, out_path) -> Path:
     if not rows:
         raise ValueError("loss_curve got an empty loss log.")
     steps = [int(float(row["step"])) for row in rows]
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     for column, colour in (("loss", "tab:blue"), ("prior_loss", "tab:orange")):
         values = [float(row[column]) for row in rows if column in row and row[column] not in ("", None)]
         if len(values) != len(steps) or all(math.isnan(value) for value in values):
             continue
         window = max(1, len(values) // 20)
+        if window == 1:  # too few steps to smooth: the raw curve is the whole story
+            axis.plot(steps, values, color=colour, label=column)
+            continue
         smooth = moving_average(values, window)
         axis.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
-        axis.plot(steps, smooth, color=colour, label=f"{column} (moving average of {window})")
+        axis.plot(steps, smooth, color=colour, label=f"{column} (mean of the last {window} steps)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimiser steps are whole numbers
     axis.set_xlabel("optimiser step")
     axis.set_ylabel("MSE loss")
     axis.legend()
@@ -71,7 +75,6 @@ def loss_curve(csv_or_rows, out_path) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_path, dpi=100)
-    plt.close(figure)
     return out_path
 
 

@@ -136,7 +136,7 @@ def set_up(config: TrainConfig) -> Training:
     #    may or may not run), so every run trains alike; each process draws different noise.
     set_seed(config.seed, device_specific=True)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    components = load_base(config)
+    components = load_base(config, _load_dtypes(config, weight_dtype))
     trainable = _set_up_trainable(components, config, weight_dtype, accelerator.device)
     denoiser = Denoiser(components, config.train_text_encoder)
     _enable_memory_savers(config, components, denoiser)
@@ -198,6 +198,16 @@ def _new_accelerator(config: TrainConfig) -> Accelerator:
 
 def _text_encoder_stops_early(config: TrainConfig) -> bool:
     return config.train_text_encoder and config.text_encoder_fraction < 1.0
+
+
+def _load_dtypes(config: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Frozen parts load straight in the compute precision (from fp16 files where the model has them: SDXL in fp32
+    would not fit a Colab runtime's 12.7 GB of RAM). Trained parts load in fp32, and so does the small VAE, which is
+    cast down later only if its config allows half precision."""
+    trained = {"vae"} if config.use_lora else {"vae", "unet"}
+    if config.train_text_encoder and not config.use_lora:
+        trained |= {"text_encoder", "text_encoder_2"}
+    return {"default": weight_dtype, **dict.fromkeys(trained, torch.float32)}
 
 
 def _ensure_class_images(config: TrainConfig, class_dir: Path, device: torch.device) -> None:

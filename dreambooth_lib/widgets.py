@@ -7,6 +7,7 @@ without anyone touching it (nbval, "Run all") trains with the notebook's default
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import io
@@ -19,6 +20,7 @@ from typing import Any, get_type_hints
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from dreambooth_lib.config import KEY_SETTINGS, PRESETS, ConfigError, TrainConfig
@@ -141,8 +143,17 @@ class TrainForm:
         self.widget = widgets.VBox([self.preset, *rows, self.memory, self.output])
         self.refresh()
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return _widget_bundle(self.widget, {"text/plain": "TrainForm", "text/html": self.settings_html()})
+
+    def settings_html(self) -> str:
+        """The form's fields and values as a table: what a static view of the notebook shows in place of the form."""
+        rows = "".join(
+            f"<tr><td><code>{name}</code></td><td>{html.escape(repr(getattr(self.config, name)))}</td>"
+            f"<td>{html.escape(help_text(name))}</td></tr>"
+            for name in self.inputs
+        )
+        return f"<table><tr><th>setting</th><th>value</th><th>meaning</th></tr>{rows}</table>{self.memory.value}"
 
     # ----------------------------------------------------------------------------------------------------------------
 
@@ -284,6 +295,7 @@ class LiveLossPlot:
             steps, values = zip(*points, strict=True)
             line = axes.plot(steps, values, alpha=0.3, linewidth=1)[0]
             axes.plot(steps, moving_average(values, self.smoothing), color=line.get_color(), label=name)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even in a 20-step run
         axes.set_xlabel("step")
         axes.set_ylabel("loss (MSE)")
         axes.legend(loc="upper right")
@@ -346,4 +358,59 @@ def value_slider(
 
     slider.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([slider, picture])
+    return _PictureBox([slider, picture], static_png=picture.value)
+
+
+class _PictureBox(widgets.VBox):
+    """A VBox that views unable to run widgets (GitHub, nbviewer, print) show as the picture of its starting value."""
+
+    def __init__(self, children: Sequence[widgets.Widget], *, static_png: bytes) -> None:
+        super().__init__(children)
+        self.static_png = static_png
+
+    def _ipython_display_(self, **kwargs: Any) -> None:  # IPython asks this first, under ipywidgets 7 and 8 alike
+        from IPython.display import display
+
+        static = {"text/plain": "slider", "image/png": base64.b64encode(self.static_png).decode("ascii")}
+        display(_widget_bundle(self, static), raw=True)
+
+
+class InteractiveFigure:
+    """Controls and the matplotlib figure `draw(**values)` makes from their values, redrawn when a control changes.
+
+    A static view of the notebook (GitHub, nbviewer, a printed handout) cannot run widgets, so the cell's output also
+    carries a picture of the figure at the controls' starting values: Jupyter and Colab show the live controls, a
+    static view shows that picture instead of nothing.
+    """
+
+    def __init__(self, draw: Callable[..., Figure], **controls: widgets.ValueWidget) -> None:
+        self.draw = draw
+        self.controls = controls
+        self.picture = widgets.Image(format="png")
+        for name, control in controls.items():
+            control.description = control.description or name
+            control.observe(self.redraw, names="value")
+        self.redraw()
+        self.static_png = self.picture.value
+        self.widget = widgets.VBox([*controls.values(), self.picture])
+
+    def redraw(self, _change: Any = None) -> None:
+        figure = self.draw(**{name: control.value for name, control in self.controls.items()})
+        self.picture.value = figure_png(figure)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)  # drawn with pyplot: without this, Jupyter would show it a second time
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        static = {"text/plain": f"{type(self).__name__}({', '.join(self.controls)})"}
+        return _widget_bundle(self.widget, static | {"image/png": base64.b64encode(self.static_png).decode("ascii")})
+
+
+def _widget_bundle(widget: widgets.Widget, static: Mapping[str, Any]) -> dict[str, Any]:
+    """A widget's display data plus `static`, what views that cannot run widgets (GitHub, nbviewer, print) show.
+
+    Jupyter and Colab render the widget, the richest type they know; a static renderer skips the widget type it
+    cannot draw and takes the next one, the picture or table.
+    """
+    view = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+    return {**static, "application/vnd.jupyter.widget-view+json": view}

@@ -10,6 +10,7 @@ from dreambooth_lib.models import (
     ModelSourceError,
     build_pipeline,
     load_components,
+    load_part,
     load_tokenizer,
     tiny_components,
 )
@@ -141,3 +142,54 @@ def test_a_run_folder_given_as_a_model_names_the_pipeline_inside(tmp_path):
         ModelSourceError, match=f"training run folder: pass the pipeline inside it, {tmp_path}/pipeline"
     ):
         load_components(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def folder_with_fp16_files(tmp_path_factory, tiny_sd_folder):
+    """The tiny SD folder plus `fp16` variant files, as hub models ship them, holding a different model's weights (seed
+    1), so a test can tell which file each part was read from."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("variants") / "sd"
+    shutil.copytree(tiny_sd_folder, folder)
+    other = tiny_components("sd", seed=1)
+    for name in ("text_encoder", "vae", "unet"):
+        getattr(other, name).to(torch.float16).save_pretrained(folder / name, variant="fp16")
+    assert len(list(folder.glob("*/*.fp16.safetensors"))) == 3
+    return folder
+
+
+def _same(module, reference, dtype):
+    expected = {key: value.to(dtype) for key, value in reference.state_dict().items()}
+    return all(torch.equal(value, expected[key]) for key, value in module.state_dict().items())
+
+
+def test_half_precision_loads_read_the_fp16_files_and_fp32_parts_the_full_ones(folder_with_fp16_files, tiny_sd):
+    fp16_model = tiny_components("sd", seed=1)
+    half = load_components(str(folder_with_fp16_files), torch_dtype=torch.float16)
+    for name in ("text_encoder", "vae", "unet"):
+        assert getattr(half, name).dtype == torch.float16, name
+        assert _same(getattr(half, name), getattr(fp16_model, name), torch.float16), name
+    # A part that trains stays fp32, from the full-precision file; the frozen ones come from the fp16 files.
+    mixed = load_components(str(folder_with_fp16_files), torch_dtype={"unet": torch.float32, "default": torch.float16})
+    assert mixed.unet.dtype == torch.float32 and _same(mixed.unet, tiny_sd.unet, torch.float32)
+    assert mixed.text_encoder.dtype == torch.float16 and _same(mixed.text_encoder, fp16_model.text_encoder, torch.half)
+    full = load_components(str(folder_with_fp16_files))
+    assert all(_same(getattr(full, name), getattr(tiny_sd, name), torch.float32) for name in ("vae", "unet"))
+
+
+def test_half_precision_load_without_fp16_files_casts_the_full_ones(tiny_sd_folder, tiny_sd):
+    loaded = load_components(str(tiny_sd_folder), torch_dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16 and _same(loaded.unet, tiny_sd.unet, torch.float16)
+
+
+def test_one_part_loads_without_the_rest_of_the_pipeline(tmp_path, folder_with_fp16_files):
+    """Notebook 01 needs only the VAE and the noise schedule: nothing else is read (or, from the hub, downloaded)."""
+    import shutil
+
+    folder = tmp_path / "vae-and-scheduler-only"
+    for name in ("vae", "scheduler"):
+        shutil.copytree(folder_with_fp16_files / name, folder / name)
+    vae = load_part(str(folder), "vae", torch_dtype=torch.float16)
+    assert vae.dtype == torch.float16 and _same(vae, tiny_components("sd", seed=1).vae, torch.float16)
+    assert load_part(str(folder), "noise_scheduler").config.beta_schedule == "scaled_linear"

@@ -359,3 +359,19 @@ def test_demo_writes_pipeline_samples_and_loss_curve(tmp_path, monkeypatch):
     card = (out / "README.md").read_text()
     assert 'from_pretrained("runs/demo/pipeline")' in card and 'load_run_pipeline("runs/demo")' in card
     assert Path("runs/demo/pipeline/model_index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fp32_parts"),
+    [
+        ({"use_lora": True, "train_text_encoder": True}, {"vae"}),
+        ({"use_lora": False, "train_text_encoder": False}, {"vae", "unet"}),
+        ({"use_lora": False, "train_text_encoder": True}, {"vae", "unet", "text_encoder", "text_encoder_2"}),
+    ],
+)
+def test_frozen_parts_load_in_the_compute_precision_and_trained_ones_in_fp32(overrides, fp32_parts):
+    from dreambooth_lib.train import _load_dtypes
+
+    dtypes = _load_dtypes(TrainConfig(**overrides), torch.float16)
+    assert dtypes["default"] == torch.float16
+    assert {part for part, dtype in dtypes.items() if dtype == torch.float32} == fp32_parts

@@ -207,6 +207,7 @@ def test_value_slider_redraws_the_image_for_the_new_value():
     first = picture.value
     slider.value = 0.5
     assert seen == [1.0, 0.5] and picture.value != first
+    assert box.static_png == first, "a static view shows the picture of the starting value"
 
 
 def test_memory_table_has_one_row_per_setting_with_its_estimate_and_fit():
@@ -221,3 +222,53 @@ def test_memory_table_has_one_row_per_setting_with_its_estimate_and_fit():
         assert cells[:2] == [name, f"{estimate.total:.1f} GiB"]
         assert cells[4:] == ["fits" if estimate.fits(15.0) else "no", "fits" if estimate.fits(40.0) else "no"]
     assert lines[2].endswith("| no | fits |") and lines[3].endswith("| fits | fits |")
+
+
+def test_interactive_figure_redraws_and_keeps_a_static_picture_of_its_defaults():
+    import base64
+
+    import ipywidgets
+    import matplotlib.pyplot as plt
+
+    def draw(level):
+        figure, axis = plt.subplots(figsize=(1, 1))
+        axis.imshow(np.full((4, 4, 3), level, dtype=np.uint8))
+        axis.axis("off")
+        return figure
+
+    def centre_colour(png: bytes):
+        picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        return tuple(picture[picture.shape[0] // 2, picture.shape[1] // 2])
+
+    shown = widgets.InteractiveFigure(draw, level=ipywidgets.IntSlider(value=40, min=0, max=255))
+    bundle = shown._repr_mimebundle_()
+    static = base64.b64decode(bundle["image/png"])
+    assert centre_colour(static) == (40, 40, 40)
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == shown.widget.model_id
+    shown.controls["level"].value = 200
+    assert centre_colour(shown.picture.value) == (200, 200, 200)
+    assert centre_colour(base64.b64decode(shown._repr_mimebundle_()["image/png"])) == (40, 40, 40)
+    assert not plt.get_fignums(), "drawn figures must be closed, or Jupyter shows them a second time"
+
+
+def test_loss_curve_leaves_the_notebook_backend_alone(tmp_path):
+    import matplotlib
+
+    from dreambooth_lib.plots import loss_curve
+
+    matplotlib.use("module://matplotlib_inline.backend_inline")  # what Jupyter uses
+    rows = [{"step": step, "loss": 1 / step} for step in range(1, 41)]
+    path = loss_curve(rows, tmp_path / "loss.png")
+    assert matplotlib.get_backend() == "module://matplotlib_inline.backend_inline"
+    assert Image.open(path).size == (600, 350)
+
+
+def test_form_shows_its_settings_as_a_table_where_widgets_cannot_run(notebook_config):
+    form = widgets.TrainForm(notebook_config)
+    form.set("max_steps", 77)
+    bundle = form._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == form.widget.model_id
+    table = html.unescape(bundle["text/html"])
+    assert "<code>max_steps</code></td><td>77</td>" in table
+    assert "a photo of sks room" in table
+    assert "GPU memory" in table
