@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.generate import generate
-from dreambooth_lib.models import Components, build_pipeline, save_components
+from dreambooth_lib.models import Components, build_pipeline, load_run_pipeline, save_components
 from dreambooth_lib.toy import digit_images
 from dreambooth_lib.toy_model import CLASS_PROMPT, TOY_RESOLUTION, digit_prompt, toy_components
-from dreambooth_lib.train import TrainConfig, load_run_pipeline, train
+from dreambooth_lib.train import train
 
 IDENTIFIER_PROMPT = "a photo of sks digit"
 DIGITS = range(10)

@@ -25,6 +25,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
+from dreambooth_lib.denoiser import Denoiser
+from dreambooth_lib.losses import diffusion_loss
 from dreambooth_lib.models import Components, tiny_components
 from dreambooth_lib.schedule import NoiseSchedule
 from dreambooth_lib.text import tokenize_prompt
@@ -150,8 +152,6 @@ def train_toy_unet(
     """Stage 2: UNet and text encoder learn together to denoise digit latents under their captions, with the
     DreamBooth library's own loss (`train.diffusion_loss`, no prior term). Trains `components` in place; returns the
     loss per step. `steps` stops early (the schedule stays that of the full run, so the first steps match it)."""
-    from dreambooth_lib.train import Denoiser, diffusion_loss
-
     pixels, labels = digit_pixels()
     with torch.no_grad():
         moments = components.vae.encode(pixels).latent_dist
