@@ -18,7 +18,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -166,14 +167,26 @@ def digit_accuracy(classifier: DigitClassifier, samples: dict[int, list[Image.Im
     return sum(hits) / sum(len(images) for images in samples.values())
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one CPU thread: the toy's tensors are tiny, and a second thread only adds synchronisation (on a
+    busy two-core machine it made sampling several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def guidance_accuracy(
     pipeline, scales: Sequence[float], samples_per_digit: int = 8, classifier: DigitClassifier | None = None
 ) -> list[float]:
     """Digit accuracy of the pipeline's "digit k" samples at each classifier-free guidance scale (same seeds)."""
     classifier = classifier or DigitClassifier()
-    return [
-        digit_accuracy(classifier, digit_samples(pipeline, samples_per_digit, guidance_scale=scale)) for scale in scales
-    ]
+    with one_thread():
+        samples = [digit_samples(pipeline, samples_per_digit, guidance_scale=scale) for scale in scales]
+    return [digit_accuracy(classifier, at_scale) for at_scale in samples]
 
 
 def subject_distance(images: Sequence[Image.Image], subject: Sequence[Image.Image]) -> float:
@@ -316,9 +329,7 @@ def run_toy_experiment(out: str | os.PathLike, settings: ToyExperiment = ToyExpe
     if (out / "runs").exists() or (out / "metrics.json").exists():
         raise FileExistsError(f"{out} already holds a toy experiment: pass a new folder (nothing was changed).")
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation
-    try:
+    with one_thread():
         classifier = DigitClassifier(settings.seed)
         base = build_pipeline(toy_components())
         metrics: dict = {"settings": asdict(settings), "classifier_holdout_accuracy": classifier.holdout_accuracy}
@@ -342,8 +353,6 @@ def run_toy_experiment(out: str | os.PathLike, settings: ToyExperiment = ToyExpe
             overfitting[str(steps)] = _train_and_measure(config, classifier, subject, settings, None)
         overfitting[str(settings.steps)] = models["without_prior"]
         metrics["overfitting_without_prior"] = overfitting
-    finally:
-        torch.set_num_threads(threads)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
