@@ -241,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions whose messages name a user's mistake and its fix (imported only when something failed)."""
+    """The exceptions whose messages name a user's mistake and its fix (imported only when something failed); a run
+    that cannot go on as asked (another run's folder, a live run, NaN losses, a full disk) is one of them."""
     from dreambooth_lib.config import ConfigError
+    from dreambooth_lib.files import NoSpaceError
     from dreambooth_lib.images import DataError
     from dreambooth_lib.models import ModelSourceError
+    from dreambooth_lib.runs import RunError
 
-    return ConfigError, DataError, ModelSourceError, FileNotFoundError
+    return ConfigError, DataError, ModelSourceError, RunError, NoSpaceError, FileNotFoundError
