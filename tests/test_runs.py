@@ -12,8 +12,9 @@ import pytest
 
 from dreambooth_lib import files, runs
 from dreambooth_lib.checkpoints import MARKER, latest_checkpoint, list_checkpoints, prune, resolve_resume
-from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.config import PRESETS, TrainConfig
 from dreambooth_lib.losslog import LossLogError, NonFiniteLossError, NonFiniteWatch, read_loss_log, write_loss_log
+from dreambooth_lib.modelcard import write_model_card
 
 ROOT = Path(__file__).resolve().parent.parent
 DOG = ROOT / "data" / "subjects" / "dog"
@@ -254,3 +255,17 @@ def test_non_finite_watch_stops_after_the_set_number_of_steps_in_a_row(tmp_path)
     for expected in ("step 6", "instance_loss=nan", "learning_rate=10.0", "mixed_precision='no'", "Nothing new"):
         assert expected in message, expected
     assert "prior_loss" not in message  # the finite part is not blamed
+
+
+def test_the_model_card_counts_the_steps_the_fp16_scaler_skipped(tmp_path):
+    config = config_in(tmp_path, mixed_precision="fp16")
+    logged = rows(5)
+    logged[0]["skipped"] = logged[1]["skipped"] = 1  # the scaler's first steps, while it finds its scale
+    assert "The fp16 gradient scaler skipped 2 of them" in write_model_card(config, tmp_path, "sd", logged).read_text()
+    assert "scaler" not in write_model_card(config, tmp_path, "sd", rows(5)).read_text()
+
+
+def test_every_preset_checkpoints_every_100_to_250_steps():
+    for name, preset in PRESETS.items():
+        assert 100 <= preset.checkpointing_steps <= 250, name
+    assert 100 <= TrainConfig().checkpointing_steps <= 250  # the defaults too
