@@ -131,6 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "tiny-cpu",
         instance_dir=str(data_path("subjects", "dog")),
         output_dir=args.out,
+        resume_from="latest",  # a second demo into the same folder continues (or just re-saves) the first
     )
     if args.steps is not None:
         config = config.replace(max_steps=args.steps)
