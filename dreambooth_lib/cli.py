@@ -131,6 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "tiny-cpu",
         instance_dir=str(data_path("subjects", "dog")),
         output_dir=args.out,
+        resume_from="latest",  # a second demo into the same folder continues (or just re-saves) the first
     )
     if args.steps is not None:
         config = config.replace(max_steps=args.steps)
@@ -264,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions whose messages name a user's mistake and its fix (imported only when something failed)."""
+    """The exceptions whose messages name a user's mistake and its fix (imported only when something failed); a run
+    that cannot go on as asked (another run's folder, a live run, NaN losses, a full disk) is one of them."""
     from dreambooth_lib.config import ConfigError
+    from dreambooth_lib.files import NoSpaceError
     from dreambooth_lib.images import DataError
     from dreambooth_lib.models import ModelSourceError
+    from dreambooth_lib.runs import RunError
 
-    return ConfigError, DataError, ModelSourceError, FileNotFoundError
+    return ConfigError, DataError, ModelSourceError, RunError, NoSpaceError, FileNotFoundError

@@ -120,10 +120,17 @@ class TrainConfig:
     seed: int = _setting(0, "random seed of data order, noise and timesteps", range=(0, 2**32 - 1))
     output_dir: str = _setting("outputs/dreambooth", "run folder: config, loss log, checkpoints, result")
     checkpointing_steps: int = _setting(
-        500, "save a resumable checkpoint every N steps (0: never)", unit="steps", range=(0, 1_000_000)
+        200, "save a resumable checkpoint every N steps and at the last (0: never)", unit="steps", range=(0, 1_000_000)
     )
     checkpoints_total_limit: int | None = _setting(2, "keep at most this many checkpoints (None: all)", range=(1, 1000))
     resume_from: str | None = _setting(None, "'latest' or a checkpoint folder to continue from")
+    overwrite: bool = _setting(False, "remove the files of another run in output_dir (only those) and start afresh")
+    mirror_dir: str | None = _setting(
+        None, "second folder (e.g. on Google Drive) kept with the latest checkpoint and the results; resumes from it"
+    )
+    max_nonfinite_steps: int = _setting(
+        3, "stop when the loss is NaN or infinite for this many steps in a row", unit="steps", range=(1, 1000)
+    )
     validation_steps: int = _setting(
         0, "sample the validation prompts every N steps (0: only at the end)", unit="steps", range=(0, 1_000_000)
     )
@@ -174,6 +181,8 @@ class TrainConfig:
             )
         if self.use_dora and not self.use_lora:
             raise ConfigError("use_dora=True needs use_lora=True (DoRA is a kind of LoRA).")
+        if self.mirror_dir and Path(self.mirror_dir).absolute() == Path(self.output_dir).absolute():
+            raise ConfigError("mirror_dir is output_dir: give another folder for the copy (e.g. on Google Drive).")
         if device is not None:
             self._check_device(torch.device(device))
         return self
@@ -360,7 +369,7 @@ PRESETS: dict[str, TrainConfig] = {
         max_steps=150,
         learning_rate=1e-3,
         train_text_encoder=True,
-        checkpointing_steps=0,
+        checkpointing_steps=100,
         num_validation_images=4,
         validation_inference_steps=10,
         output_dir="outputs/tiny-dreambooth",
@@ -429,6 +438,7 @@ PRESETS: dict[str, TrainConfig] = {
         mixed_precision="no",
         use_8bit_adam=False,
         gradient_checkpointing=False,
+        checkpointing_steps=200,
         output_dir="outputs/seed-sd15",
     ),
     # ... and SDXL LoRA (train_dreambooth_lora_sdxl.py, rank 4 by default) with the fp16-fix VAE, as run on a V100.
@@ -451,6 +461,7 @@ PRESETS: dict[str, TrainConfig] = {
         gradient_checkpointing=True,
         use_8bit_adam=True,
         guidance_scale=5.0,
+        checkpointing_steps=250,
         output_dir="outputs/seed-sdxl-lora",
     ),
 }

@@ -22,6 +22,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dreambooth_lib.files import atomic_output
 from dreambooth_lib.models import Components
 
 LORA_WEIGHTS_NAME = LORA_WEIGHT_NAME_SAFE  # diffusers' file name, the one load_lora_weights looks for
@@ -119,10 +120,10 @@ def save_lora(components: Components, folder: str | os.PathLike) -> Path:
             kwargs[f"{name}_lora_layers"] = layers
             kwargs[f"{name}_lora_adapter_metadata"] = metadata
     pipeline_class = StableDiffusionXLPipeline if components.kind == "sdxl" else StableDiffusionPipeline
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    pipeline_class.save_lora_weights(folder, weight_name=LORA_WEIGHTS_NAME, safe_serialization=True, **kwargs)
-    return folder / LORA_WEIGHTS_NAME
+    path = Path(folder) / LORA_WEIGHTS_NAME
+    with atomic_output(path) as temporary:  # whole or not at all
+        pipeline_class.save_lora_weights(path.parent, weight_name=temporary.name, safe_serialization=True, **kwargs)
+    return path
 
 
 def load_lora(pipeline, path: str | os.PathLike, scale: float = 1.0, adapter_name: str = "dreambooth"):
@@ -197,6 +198,6 @@ def export_kohya(lora_file: str | os.PathLike, out_file: str | os.PathLike) -> P
             # The file's metadata holds the trained alpha; without it diffusers assumes alpha = rank, and so do we.
             alpha = metadata.get(f"{component}.lora_alpha", tensor.shape[0])
             kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya, str(out_file), metadata={"ss_network_module": "networks.lora"})
+    with atomic_output(out_file) as temporary:
+        save_file(kohya, str(temporary), metadata={"ss_network_module": "networks.lora"})
     return out_file

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from dreambooth_lib.config import KEY_SETTINGS, TrainConfig
+from dreambooth_lib.files import write_text_atomically
 
 
 def write_model_card(config: TrainConfig, run_dir: str | Path, kind: str, losses: list[dict]) -> Path:
@@ -22,6 +23,9 @@ def write_model_card(config: TrainConfig, run_dir: str | Path, kind: str, losses
     final = losses[-1]["loss"] if losses else math.nan
     # Paths as the run was given them (output_dir): they work from the folder the user trained in.
     where = run_dir.as_posix()
+    skipped = sum(row.get("skipped", 0) for row in losses)
+    # fp16 loss scaling throws away the updates of steps with inf/NaN gradients: say how many steps really trained.
+    scaler = f" The fp16 gradient scaler skipped {skipped} of them (inf/NaN gradients)." if skipped else ""
     if config.use_lora:
         load = (
             f"pipe = {pipeline_class}.from_pretrained({config.model!r})\n"
@@ -46,7 +50,7 @@ tags:
 
 Trained with `dreambooth_lib` to draw one subject, called by the identifier in **`{config.instance_prompt}`**
 {prior}.
-{config.max_steps} steps; final loss {final:.4f}.
+{config.max_steps} steps; final loss {final:.4f}.{scaler}
 
 ## Samples
 
@@ -78,6 +82,4 @@ or, for any run folder (also one trained on the tiny model):
 
 The full configuration is in `config.json`; `python -m dreambooth_lib train --config config.json` repeats the run.
 """
-    path = run_dir / "README.md"
-    path.write_text(text)
-    return path
+    return write_text_atomically(run_dir / "README.md", text)

@@ -21,6 +21,8 @@ DRIVE_MOUNT = Path("/content/drive")
 # Full runs on Colab are kept here, one folder per run, so a reconnected runtime finds and resumes them.
 DRIVE_RUNS = DRIVE_MOUNT / "MyDrive" / "dreambooth-course"
 LOCAL_RUNS = Path("outputs")
+# A Colab runtime's own disk: fast and roomy, but gone with the runtime; full runs train here and mirror to Drive.
+COLAB_LOCAL_RUNS = Path("/content/runs")
 
 # Tiny mode demonstrates the run notebooks' workflow in seconds: a few steps and images show every stage.
 TINY_RUN_SETTINGS: dict[str, int] = {
@@ -68,6 +70,17 @@ class NotebookSetup:
             mount_drive()
             return DRIVE_RUNS / name
         return LOCAL_RUNS / name
+
+    def training_folders(self, run_dir: Path) -> dict[str, str | None]:
+        """`output_dir` and `mirror_dir` for a training run kept in `run_dir` (from `run_dir()`).
+
+        On Colab in full mode the run trains on the runtime's local disk and `run_dir` on Drive mirrors its latest
+        checkpoint and its results, from which a new runtime resumes (`TrainConfig.mirror_dir`); Drive then never
+        holds more than one checkpoint. Elsewhere the run trains in `run_dir` itself.
+        """
+        if self.colab and not self.tiny:
+            return {"output_dir": str(COLAB_LOCAL_RUNS / run_dir.relative_to(DRIVE_RUNS)), "mirror_dir": str(run_dir)}
+        return {"output_dir": str(run_dir), "mirror_dir": None}
 
     def run_settings(self) -> dict[str, int]:
         """Settings that shrink a run to a demonstration in tiny mode; none in full mode."""

@@ -9,7 +9,6 @@ adapters. The pieces live in the modules named after them: `data` (examples), `d
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,18 +16,20 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
-from dreambooth_lib import data, images, lora, priors
-from dreambooth_lib.checkpoints import checkpoint_step, resolve_resume, save_checkpoint
+from dreambooth_lib import data, images, lora, priors, runs
+from dreambooth_lib.checkpoints import checkpoint_step, expected_size, resolve_resume, save_checkpoint
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.denoiser import Denoiser, sdxl_time_ids
+from dreambooth_lib.files import atomic_output, check_free_space
 from dreambooth_lib.generate import generate
 from dreambooth_lib.losses import LossParts, diffusion_loss, sample_noise
+from dreambooth_lib.losslog import NonFiniteWatch, read_loss_log, write_loss_log
 from dreambooth_lib.memory import warn_if_too_big
 from dreambooth_lib.modelcard import write_model_card
 from dreambooth_lib.models import Components, build_pipeline, load_base, save_components
@@ -38,7 +39,6 @@ from dreambooth_lib.text import PromptEmbeddings, encode_prompt, tokenize_prompt
 
 __all__ = ["TrainResult", "Training", "set_up", "train"]
 
-LOSS_COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr")
 LORA_FILE = lora.LORA_WEIGHTS_NAME
 KOHYA_FILE = "lora_kohya.safetensors"
 
@@ -77,10 +77,13 @@ class Training:
     run_dir: Path
     start_step: int
     losses: list[dict]  # loss.csv rows up to start_step (main process only)
+    record: runs.RunRecord  # the run's id and fingerprint (run.json)
+    mirror: Path | None  # the copy's folder (Colab: on Google Drive)
+    watch: NonFiniteWatch
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.run_dir / runs.CHECKPOINTS
 
 
 def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -88,10 +91,16 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
 
     Each of `callbacks` is called on the main process after every optimiser step with the step and its loss.csv row
     (e.g. `widgets.LiveLossPlot`).
+
+    Before any work the run folder is locked and checked (`runs.claim`): another run's folder, or a live run in it,
+    raises `runs.RunError`. A loss that is NaN or infinite for `max_nonfinite_steps` steps raises
+    `losslog.NonFiniteLossError`, with nothing new saved.
     """
-    training = set_up(config)
-    _loop(training, callbacks)
-    return _save(training)
+    config.validate()
+    with runs.claim(config, main=PartialState().is_main_process):
+        training = set_up(config)
+        _loop(training, callbacks)
+        return _save(training)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -110,9 +119,7 @@ def set_up(config: TrainConfig) -> Training:
     # 1. Check the photos before any model loads (a bad file fails here, naming itself); keep them decoded.
     instance_report = images.check_folder(config.instance_dir, config.resolution, keep_images=True)
     instance_report.raise_for_problems("instance_dir")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.json")
+    record, mirror, resume = _find_resume(config, accelerator)
 
     # 2. Prior preservation: class images from the very base model being fine-tuned; existing ones count.
     class_dir = None
@@ -169,11 +176,12 @@ def set_up(config: TrainConfig) -> Training:
     denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
     _save_only_trainable_weights(accelerator)
     schedule = NoiseSchedule.from_config(components.noise_scheduler.config)
-    start_step = _resume(config, accelerator, trainable, run_dir / "checkpoints")
-    losses = _read_loss_log(run_dir / "loss.csv", up_to=start_step) if main else []
+    start_step = _resume(accelerator, trainable, resume)
+    # The loss history travels in the checkpoint: a torn or lost loss.csv in the run folder does not matter.
+    losses = read_loss_log(resume / "loss.csv", up_to=start_step) if main and resume else []
     return Training(
         config, accelerator, components, denoiser, trainable, optimizer, lr_scheduler, examples, loader, schedule,
-        prompt_cache, weight_dtype, run_dir, start_step, losses,
+        prompt_cache, weight_dtype, run_dir, start_step, losses, record, mirror, NonFiniteWatch(config),
     )  # fmt: skip
 
 
@@ -210,8 +218,29 @@ def _load_dtypes(config: TrainConfig, weight_dtype: torch.dtype) -> dict[str, to
     return {"default": weight_dtype, **dict.fromkeys(trained, torch.float32)}
 
 
+def _find_resume(config: TrainConfig, accelerator: Accelerator) -> tuple[runs.RunRecord, Path | None, Path | None]:
+    """The run's record (written by the main process's `runs.claim`), its mirror folder, and the checkpoint to resume
+    from: this run's newest (on local disk or in the mirror) or the one `resume_from` names; None for a fresh start."""
+    accelerator.wait_for_everyone()  # the main process has claimed the folder and written run.json
+    run_dir = Path(config.output_dir)
+    record = runs.RunRecord.read(run_dir)
+    mirror = Path(config.mirror_dir) if config.mirror_dir else None
+    searched = [run_dir / runs.CHECKPOINTS] + ([mirror / runs.CHECKPOINTS] if mirror else [])
+    resume = resolve_resume(config.resume_from, searched, record.run_id, record.digest)
+    if resume is not None and checkpoint_step(resume) > config.max_steps:
+        raise runs.RunError(
+            f"the latest checkpoint of {run_dir} is at step {checkpoint_step(resume)}, beyond "
+            f"max_steps={config.max_steps}: set max_steps to {checkpoint_step(resume)} or more to use it."
+        )
+    return record, mirror, resume
+
+
 def _ensure_class_images(config: TrainConfig, class_dir: Path, device: torch.device) -> None:
-    """Generate the missing class images with a frozen copy of the base model (fp16 on a GPU), then free it."""
+    """Generate the missing class images with a frozen copy of the base model (fp16 on a GPU), then free it.
+
+    Images generated earlier for another prompt, model or resolution are refused (DataError), never reused."""
+    provenance = dict(model=config.model, resolution=config.resolution)
+    priors.check_class_images(class_dir, prompt=config.class_prompt, **provenance)
     if len(priors.existing_class_images(class_dir)) >= config.num_class_images:
         return  # enough already: do not even load the model
     base = load_base(config, torch.float16 if device.type == "cuda" else None)
@@ -223,6 +252,7 @@ def _ensure_class_images(config: TrainConfig, class_dir: Path, device: torch.dev
         batch_size=config.class_batch_size,
         num_inference_steps=config.class_inference_steps,
         seed=config.seed,
+        **provenance,
     )
     del base
     if device.type == "cuda":
@@ -332,11 +362,8 @@ def _save_only_trainable_weights(accelerator: Accelerator) -> None:
     accelerator.register_save_state_pre_hook(keep_trainable)
 
 
-def _resume(
-    config: TrainConfig, accelerator: Accelerator, trainable: list[torch.nn.Parameter], checkpoint_dir: Path
-) -> int:
-    """Restore weights, optimiser, schedule and RNG states from the checkpoint `resume_from` names; its step, or 0."""
-    resume = resolve_resume(config.resume_from, checkpoint_dir)
+def _resume(accelerator: Accelerator, trainable: list[torch.nn.Parameter], resume: Path | None) -> int:
+    """Restore weights, optimiser, schedule and RNG states from the checkpoint `resume`; its step, or 0."""
     if resume is None:
         return 0
     accelerator.load_state(str(resume), strict=False)
@@ -384,7 +411,9 @@ def _loop(training: Training, callbacks: Sequence[Callback]) -> None:
 
             step += 1
             row = _loss_row(accelerator, step, parts_sum, micro_batches, training.lr_scheduler.get_last_lr()[0])
+            row["skipped"] = int(accelerator.optimizer_step_was_skipped)  # the fp16 scaler found inf/NaN gradients
             parts_sum, micro_batches = None, 0
+            training.watch.check(row, progress.close)  # the same reduced row on every process: all stop together
             if main:
                 training.losses.append(row)
                 progress.update(1)
@@ -445,33 +474,28 @@ def _loss_row(accelerator: Accelerator, step: int, parts_sum: torch.Tensor, coun
 
 
 def _checkpoint_and_validate(training: Training, step: int) -> None:
-    """Every `checkpointing_steps`: the loss log and a resumable checkpoint; every `validation_steps`: a sample grid."""
+    """Every `checkpointing_steps` and at the last step: the loss log and a resumable checkpoint (never while the loss
+    is not a number: the weights may not be either); every `validation_steps`: a sample grid."""
     config, accelerator = training.config, training.accelerator
     main = accelerator.is_main_process
-    if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+    cadence = config.checkpointing_steps
+    if cadence and (step % cadence == 0 or step == config.max_steps) and not training.watch.failing:
         if main:
-            _write_loss_log(training.run_dir / "loss.csv", training.losses)
-        save_checkpoint(accelerator, training.checkpoint_dir, step, config.checkpoints_total_limit)
+            _save_loss_log(training)
+        run = {"run_id": training.record.run_id, "digest": training.record.digest}
+        size = expected_size(training.trainable, training.optimizer)
+        mirror = training.mirror / runs.CHECKPOINTS if training.mirror else None
+        keep = config.checkpoints_total_limit
+        save_checkpoint(accelerator, training.checkpoint_dir, step, keep, run, size, training.losses, mirror)
     if main and config.validation_steps and step % config.validation_steps == 0:
         _sample_grid(training).save(training.run_dir / f"validation-{step}.png")
 
 
-def _write_loss_log(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=LOSS_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _read_loss_log(path: Path, up_to: int) -> list[dict]:
-    """The rows of an earlier run's loss.csv up to the resumed step (later rows were lost with the crash)."""
-    if not path.is_file() or up_to == 0:
-        return []
-    with path.open(newline="") as file:
-        rows = [{key: float(value) for key, value in row.items()} for row in csv.DictReader(file)]
-    for row in rows:
-        row["step"] = int(row["step"])
-    return [row for row in rows if row["step"] <= up_to]
+def _save_loss_log(training: Training) -> None:
+    """loss.csv in the run folder and in the mirror, each replaced whole."""
+    for folder in (training.run_dir, training.mirror):
+        if folder is not None:
+            write_loss_log(folder / "loss.csv", training.losses)
 
 
 def _sample_grid(training: Training):
@@ -513,17 +537,32 @@ def _save(training: Training) -> TrainResult:
     accelerator.wait_for_everyone()
     output = run_dir / ("pipeline" if not config.use_lora else LORA_FILE)
     if accelerator.is_main_process:
-        _write_loss_log(run_dir / "loss.csv", training.losses)
+        _save_loss_log(training)
         loss_curve(run_dir / "loss.csv", run_dir / "loss.png")
         if config.use_lora:
             lora.save_lora(components, run_dir)
             lora.export_kohya(run_dir / LORA_FILE, run_dir / KOHYA_FILE)
         else:
-            # The trained modules leave in fp32 (full precision); frozen ones were only cast to save memory.
-            for module in (components.vae, components.unet, *components.text_encoders):
-                _place(module, accelerator.device, torch.float32)
-            save_components(components, output)
+            _save_pipeline(components, output, accelerator.device)
         _sample_grid(training).save(run_dir / "samples.png")
         write_model_card(config, run_dir, components.kind, training.losses)
+        skipped = sum(row["skipped"] for row in training.losses)
+        if skipped:
+            print(f"the fp16 gradient scaler skipped {skipped} of {len(training.losses)} steps (inf/NaN gradients)")
+        if training.mirror is not None:
+            runs.mirror_outputs(run_dir, training.mirror)
     accelerator.end_training()
     return TrainResult(run_dir=run_dir, output=output, losses=training.losses)
+
+
+def _save_pipeline(components: Components, folder: Path, device: torch.device) -> None:
+    """Write the diffusers pipeline folder whole or not at all: in fp16 after training on a GPU, where it is sampled in
+    fp16 anyway, at half the size (SD 1.5: 2.1 GB instead of 4.3 GB); in fp32 on a CPU, which samples in fp32."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    modules = (components.vae, components.unet, *components.text_encoders)
+    size = sum(p.numel() for module in modules for p in module.parameters()) * dtype.itemsize
+    check_free_space(folder.parent, size, f"the trained model ({folder.name}/)")
+    for module in modules:  # trained modules were fp32, frozen ones were only cast to save memory
+        _place(module, device, dtype)
+    with atomic_output(folder) as temporary:
+        save_components(components, temporary)

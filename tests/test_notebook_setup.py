@@ -45,6 +45,18 @@ def test_full_runs_on_colab_live_on_drive_and_keep_what_is_there(drive):
     assert setup.run_settings() == {}
 
 
+def test_full_runs_on_colab_train_on_local_disk_and_mirror_to_drive(drive, tmp_path):
+    setup = make_setup("full", colab=True)
+    folders = setup.training_folders(setup.run_dir("06-sdxl-lora-dog") / "sdxl")
+    assert folders == {
+        "output_dir": "/content/runs/06-sdxl-lora-dog/sdxl",
+        "mirror_dir": str(notebook.DRIVE_RUNS / "06-sdxl-lora-dog" / "sdxl"),
+    }
+    tiny = make_setup("tiny", colab=True)
+    run_dir = tmp_path / "tiny-run"
+    assert tiny.training_folders(run_dir) == {"output_dir": str(run_dir), "mirror_dir": None}  # never Drive
+
+
 def test_full_runs_elsewhere_go_to_outputs(drive):
     assert make_setup("full", colab=False).run_dir("07-teal-room") == Path("outputs") / "07-teal-room"
     assert drive == []

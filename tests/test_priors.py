@@ -1,13 +1,15 @@
 """Class images for prior preservation: only the missing ones are made, a restart resumes, files are never partial."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dreambooth_lib import priors
-from dreambooth_lib.images import check_folder
+from dreambooth_lib.images import DataError, check_folder
 from dreambooth_lib.models import build_pipeline
 
 PROMPT = "a photo of a dog"
@@ -53,7 +55,10 @@ def test_existing_images_count_and_only_the_missing_are_generated(pipeline, tmp_
     assert new == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert len(images) == 5
     record = json.loads((tmp_path / "class-00002.json").read_text())
-    assert record == {"file": "class-00002.png", "prompt": PROMPT, "seed": 7 + 2, "steps": STEPS}
+    # The tiny model samples at its native 64 px; no model name was given to record.
+    assert record == {
+        "file": "class-00002.png", "prompt": PROMPT, "model": None, "resolution": 64, "seed": 7 + 2, "steps": STEPS
+    }  # fmt: skip
     # The dataset checks read the same folder: all 5 images usable, the JSON sidecars skipped.
     assert len(check_folder(tmp_path, progress=False).usable) == 5
     generate_calls.clear()
@@ -101,13 +106,36 @@ def test_a_smaller_first_target_grows_into_the_same_images(pipeline, tmp_path):
 
 
 def test_a_stale_temporary_file_is_not_counted(pipeline, tmp_path, generate_calls):
-    Image.new("RGB", (64, 64)).save(tmp_path / "class-00000.png")
-    (tmp_path / ".class-00001.png.tmp").write_bytes(b"\x89PNG half written")
+    crashed = subprocess.Popen([sys.executable, "-c", "pass"])
+    crashed.wait()  # a writer that died mid-write: its pid runs no more
+    Image.new("RGB", (64, 64)).save(tmp_path / "class-00000.png")  # made earlier, with its sidecar
+    (tmp_path / "class-00000.json").write_text(json.dumps({"prompt": PROMPT}))
+    stale = tmp_path / f".class-00001.png.tmp-{crashed.pid}-0123abcd"
+    stale.write_bytes(b"\x89PNG half written")
     images = _make(pipeline, tmp_path, 2)
     assert generate_calls == [1]
     assert [p.name for p in images] == ["class-00000.png", "class-00001.png"]
-    assert not list(tmp_path.glob(".*.tmp"))  # the completed image replaced the stale temporary file
+    assert not stale.exists()  # cleared, and never counted
     Image.open(tmp_path / "class-00001.png").verify()
+
+
+def test_class_images_of_another_prompt_model_or_size_are_never_reused(pipeline, tmp_path, generate_calls):
+    settings = dict(num_inference_steps=STEPS, model="tiny", resolution=64, progress=False)
+    priors.generate_class_images(pipeline, tmp_path, PROMPT, 2, **settings)
+    Image.new("RGB", (64, 64)).save(tmp_path / "my-own-cat.png")  # the user's own images are theirs to choose
+    priors.check_class_images(tmp_path, prompt=PROMPT, model="tiny", resolution=64)
+    generate_calls.clear()
+    for change, shown in (
+        ({"prompt": "a photo of a cat"}, "prompt 'a photo of a dog'"),
+        ({"model": "other/model"}, "model 'tiny'"),
+        ({"resolution": 128}, "resolution 64"),
+    ):
+        wanted = {"prompt": PROMPT, "model": "tiny", "resolution": 64, **change}
+        with pytest.raises(DataError, match=rf"class_dir {tmp_path} .*{shown}.*another folder"):
+            priors.check_class_images(tmp_path, **wanted)
+    with pytest.raises(DataError, match="a photo of a cat"):
+        priors.generate_class_images(pipeline, tmp_path, "a photo of a cat", 4, **{**settings, "model": "tiny"})
+    assert generate_calls == []
 
 
 def test_bad_class_image_settings_are_refused(pipeline, tmp_path):

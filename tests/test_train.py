@@ -5,6 +5,8 @@ Runs are tiny (64 px, a few steps) and shared between tests through module-scope
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_lib import cli, lora
-from dreambooth_lib.checkpoints import latest_checkpoint, list_checkpoints, resolve_resume
+from dreambooth_lib import cli, lora, runs
+from dreambooth_lib.checkpoints import checkpoint_step, latest_checkpoint, list_checkpoints, resolve_resume
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.denoiser import Denoiser
 from dreambooth_lib.generate import generate
+from dreambooth_lib.images import DataError
 from dreambooth_lib.losses import diffusion_loss
+from dreambooth_lib.losslog import read_loss_log
 from dreambooth_lib.models import build_pipeline, load_run_pipeline, tiny_components
+from dreambooth_lib.runs import RunError
 from dreambooth_lib.schedule import NoiseSchedule
 from dreambooth_lib.text import encode_prompt
 from dreambooth_lib.train import train
@@ -130,7 +135,7 @@ def test_loss_log_has_every_step_and_the_prior_term(full_run):
         assert row["prior_loss"] > 0 and row["instance_loss"] > 0
         assert row["loss"] == pytest.approx(row["instance_loss"] + row["prior_loss"], rel=1e-4)
     header = (result.run_dir / "loss.csv").read_text().splitlines()[0]
-    assert header == "step,loss,instance_loss,prior_loss,lr"
+    assert header == "step,loss,instance_loss,prior_loss,lr,skipped"
 
 
 def test_full_run_loads_in_the_stock_pipeline_with_changed_weights(full_run):
@@ -266,8 +271,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
 
     real_save = train_module.save_checkpoint
 
-    def save_then_crash(accelerator, folder, step, keep):
-        path = real_save(accelerator, folder, step, keep)
+    def save_then_crash(accelerator, folder, step, *args):
+        path = real_save(accelerator, folder, step, *args)
         if step == 4:
             raise Interrupted
         return path
@@ -302,7 +307,7 @@ def test_latest_ignores_half_written_checkpoints(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-12"
     assert resolve_resume(None, tmp_path) is None
     assert resolve_resume("latest", tmp_path / "missing") is None
-    with pytest.raises(ValueError, match="checkpoint-<step>"):
+    with pytest.raises(RunError, match="checkpoint-<step>"):
         resolve_resume(str(tmp_path / "checkpoint-20.tmp"), tmp_path)
 
 
@@ -375,3 +380,177 @@ def test_frozen_parts_load_in_the_compute_precision_and_trained_ones_in_fp32(ove
     dtypes = _load_dtypes(TrainConfig(**overrides), torch.float16)
     assert dtypes["default"] == torch.float16
     assert {part for part, dtype in dtypes.items() if dtype == torch.float32} == fp32_parts
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Runs are safe: each fault of issue 14 reproduced on the tiny model, and handled.
+
+
+def error_lines(captured: str) -> list[str]:
+    return [line for line in captured.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+def test_a_second_subject_into_a_finished_run_folder_is_refused(full_run, tmp_path, capsys):
+    config, result = full_run
+    run = result.run_dir
+    cat = tmp_path / "cat"
+    cat.mkdir()
+    for index, photo in enumerate(sorted(DOG.iterdir())[:3]):
+        (cat / f"cat-{index}.jpg").write_bytes(photo.read_bytes())
+    config_before = (run / "config.json").read_bytes()
+    unet = run / "pipeline" / "unet" / _weights_name(run / "pipeline" / "unet")
+    unet_before = unet.stat().st_mtime_ns
+    code = cli.main(
+        ["train", "--set", f"instance_dir={cat}", "instance_prompt=a photo of sks cat", f"output_dir={run}",
+         f"class_dir={config.class_dir}", "resume_from=latest"]
+    )  # fmt: skip
+    assert code == 2
+    [line] = error_lines(capsys.readouterr().err)
+    for expected in (str(run), "instance_prompt", "instance_dir files", "new output_dir", "overwrite=True"):
+        assert expected in line, expected
+    assert (run / "config.json").read_bytes() == config_before and unet.stat().st_mtime_ns == unet_before
+    # The class images were made for "a photo of a dog": a cat run does not reuse them, it says so before any model.
+    cat_config = tiny_config(tmp_path, class_dir=config.class_dir, class_prompt="a photo of a cat")
+    with pytest.raises(DataError, match=r"a photo of a dog.*another folder"):
+        train(cat_config)
+
+
+def test_nan_loss_stops_the_run_and_saves_nothing_new(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = cli.main(
+        ["train", "--set", f"instance_dir={DOG}", f"output_dir={run}", "learning_rate=10", "max_steps=8",
+         "checkpointing_steps=1", "with_prior_preservation=false"]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "Traceback" not in err
+    for expected in ("training stopped at step", "instance_loss=nan", "learning_rate=10.0", "mixed_precision='no'"):
+        assert expected in line, expected
+    assert not any((run / name).exists() for name in ("pipeline", "samples.png", "README.md", "loss.png"))
+    # Checkpoints and the log hold only steps whose loss was still a number.
+    rows = read_loss_log(run / "loss.csv")
+    assert rows and all(np.isfinite(row["loss"]) for row in rows)
+    assert [checkpoint_step(path) for path in list_checkpoints(run / "checkpoints")] == [row["step"] for row in rows]
+
+
+def test_a_live_run_keeps_a_second_one_out(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    with runs.claim(config):  # this process is training into the folder
+        code = cli.main(["train", "--set", f"instance_dir={DOG}", f"output_dir={config.output_dir}"])
+    assert code == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"{config.output_dir} is in use by a live run (pid {os.getpid()}" in line
+
+
+LORA_SETTINGS = dict(
+    use_lora=True,
+    learning_rate=5e-2,
+    with_prior_preservation=False,
+    max_steps=4,
+    checkpointing_steps=2,
+    checkpoints_total_limit=None,
+    validation_prompts=["a photo of sks dog"],
+)
+KILLER = """
+import os, signal, sys
+import dreambooth_lib.train as train_module
+from dreambooth_lib.config import TrainConfig
+
+config, where, at = TrainConfig.from_file(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real_save = train_module.save_checkpoint
+
+def save_then_die(accelerator, folder, step, *args):
+    path = real_save(accelerator, folder, step, *args)
+    if where == "after-checkpoint" and step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+def die_between_steps(step, row):
+    if where == "between-steps" and step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train_module.save_checkpoint = save_then_die
+train_module.train(config, [die_between_steps])
+"""
+
+
+@pytest.fixture(scope="module")
+def lora_straight(tmp_path_factory):
+    """An uninterrupted LoRA run, mirrored to a second folder (as Colab mirrors to Drive)."""
+    tmp_path = tmp_path_factory.mktemp("lora")
+    config = tiny_config(tmp_path, **LORA_SETTINGS, mirror_dir=str(tmp_path / "drive"))
+    return config, train(config)
+
+
+def killed_then_resumed(tmp_path: Path, where: str, at: int, tear_loss_log: bool = False):
+    config = tiny_config(tmp_path, **LORA_SETTINGS)
+    config_file = config.save(tmp_path / "settings.json")
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(
+        [sys.executable, str(script), str(config_file), where, str(at)], capture_output=True, text=True, env=env
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    if tear_loss_log:  # what an in-place write cut by a crash left (the old crash: float(None), no file named)
+        log = Path(config.output_dir) / "loss.csv"
+        log.write_text(log.read_text()[:-7])
+    return config, train(config.replace(resume_from="latest"))
+
+
+def assert_same_run(resumed, straight) -> None:
+    assert [row["step"] for row in resumed.losses] == [1, 2, 3, 4]
+    assert [row["loss"] for row in resumed.losses] == pytest.approx([row["loss"] for row in straight.losses], rel=1e-4)
+    written = read_loss_log(resumed.run_dir / "loss.csv")
+    assert [row["loss"] for row in written] == pytest.approx([row["loss"] for row in resumed.losses])
+    expected, found = load_file(straight.output), load_file(resumed.output)
+    assert expected.keys() == found.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(found[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sigkill_right_after_a_checkpoint_then_resume_equals_the_uninterrupted_lora_run(lora_straight, tmp_path):
+    _, straight = lora_straight
+    _, resumed = killed_then_resumed(tmp_path, "after-checkpoint", 2)
+    assert_same_run(resumed, straight)
+
+
+def test_sigkill_between_steps_and_a_torn_loss_log_then_resume_to_the_end(lora_straight, tmp_path):
+    _, straight = lora_straight
+    # Killed after step 3 trained, before its checkpoint was due; the run folder's loss.csv then torn.
+    _, resumed = killed_then_resumed(tmp_path, "between-steps", 3, tear_loss_log=True)
+    assert_same_run(resumed, straight)
+
+
+def test_pruning_spares_the_new_checkpoint_when_an_older_longer_run_left_later_ones(lora_straight, tmp_path):
+    config, straight = lora_straight
+    folder = tmp_path / "run"
+    shutil.copytree(straight.run_dir, folder)  # checkpoint-2 and checkpoint-4 of a 4-step run
+    checkpoints = folder / "checkpoints"
+    older = json.loads((checkpoints / "checkpoint-4" / "run.json").read_text())["run_id"]
+    shorter = config.replace(
+        output_dir=str(folder), mirror_dir=None, max_steps=3, checkpoints_total_limit=1,
+        resume_from=str(checkpoints / "checkpoint-2"),
+    )  # fmt: skip
+    train(shorter)
+    assert [path.name for path in list_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    current = json.loads((folder / "run.json").read_text())["run_id"]
+    assert current != older
+    assert latest_checkpoint(checkpoints, current).name == "checkpoint-3"  # not the older run's checkpoint-4
+
+
+def test_the_mirror_keeps_the_latest_checkpoint_and_results_and_a_new_runtime_resumes_from_it(lora_straight, tmp_path):
+    config, straight = lora_straight
+    drive = Path(config.mirror_dir)
+    assert [path.name for path in list_checkpoints(drive / "checkpoints")] == ["checkpoint-4"]
+    for name in ("run.json", "config.json", "loss.csv", "pytorch_lora_weights.safetensors", "README.md"):
+        assert (drive / name).is_file(), name
+    assert load_file(drive / "pytorch_lora_weights.safetensors").keys() == load_file(straight.output).keys()
+    # A new Colab runtime: empty local disk, the same Drive folder; train two steps further.
+    mirror = shutil.copytree(drive, tmp_path / "drive")
+    local = str(tmp_path / "local")
+    result = train(config.replace(output_dir=local, mirror_dir=str(mirror), max_steps=6, resume_from="latest"))
+    assert [row["step"] for row in result.losses] == [1, 2, 3, 4, 5, 6]
+    assert [row["loss"] for row in result.losses[:4]] == pytest.approx([row["loss"] for row in straight.losses])
+    assert [path.name for path in list_checkpoints(mirror / "checkpoints")] == ["checkpoint-6"]
