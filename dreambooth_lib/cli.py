@@ -6,14 +6,18 @@ Each command is one small function that parses nothing itself: `main` builds the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from dreambooth_lib.environment import default_device, environment_report, quiet_known_warnings, select_mode
+from dreambooth_lib.environment import (
+    default_device,
+    environment_report,
+    one_cpu_thread,
+    quiet_known_warnings,
+    select_mode,
+)
 
 
 def _default_source(kind: str) -> str:
@@ -135,24 +139,8 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     if args.steps is not None:
         config = config.replace(max_steps=args.steps)
-    with _one_thread_on_cpu():
+    with one_cpu_thread():
         return _report_run(train(config))
-
-
-@contextlib.contextmanager
-def _one_thread_on_cpu() -> Iterator[None]:
-    """The demo's tiny tensors on a CPU: one torch thread, restored afterwards. A second thread only adds
-    synchronisation, which costs seconds per step on a busy machine (the demo took 7.5 min with two threads on a
-    loaded 2-core box, 21 s with one)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_toy(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -53,6 +55,25 @@ def default_device() -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Within the block, torch computes on one CPU thread; the thread count is restored afterwards.
+
+    For tiny-mode work on a CPU (the demo, the toy model): its tensors are so small that a second thread only adds
+    synchronisation, which costs seconds per step on a busy machine (the demo took 7.5 min with two threads on a loaded
+    2-core box, 21 s with one). On a CUDA machine the CPU is not the worker, and nothing changes.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _version(package: str) -> str:

@@ -18,8 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.environment import one_cpu_thread
 from dreambooth_lib.generate import generate
 from dreambooth_lib.models import Components, build_pipeline, load_run_pipeline, save_components
 from dreambooth_lib.toy import digit_images
@@ -167,24 +167,12 @@ def digit_accuracy(classifier: DigitClassifier, samples: dict[int, list[Image.Im
     return sum(hits) / sum(len(images) for images in samples.values())
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread: the toy's tensors are tiny, and a second thread only adds synchronisation (on a
-    busy two-core machine it made sampling several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def guidance_accuracy(
     pipeline, scales: Sequence[float], samples_per_digit: int = 8, classifier: DigitClassifier | None = None
 ) -> list[float]:
     """Digit accuracy of the pipeline's "digit k" samples at each classifier-free guidance scale (same seeds)."""
     classifier = classifier or DigitClassifier()
-    with one_thread():
+    with one_cpu_thread():
         samples = [digit_samples(pipeline, samples_per_digit, guidance_scale=scale) for scale in scales]
     return [digit_accuracy(classifier, at_scale) for at_scale in samples]
 
@@ -329,7 +317,7 @@ def run_toy_experiment(out: str | os.PathLike, settings: ToyExperiment = ToyExpe
     if (out / "runs").exists() or (out / "metrics.json").exists():
         raise FileExistsError(f"{out} already holds a toy experiment: pass a new folder (nothing was changed).")
     start = time.perf_counter()
-    with one_thread():
+    with one_cpu_thread():
         classifier = DigitClassifier(settings.seed)
         base = build_pipeline(toy_components())
         metrics: dict = {"settings": asdict(settings), "classifier_holdout_accuracy": classifier.holdout_accuracy}
