@@ -36,6 +36,14 @@ def write_model_card(config: TrainConfig, run_dir: str | Path, kind: str, losses
     prior = "(no prior preservation)"
     if config.with_prior_preservation:
         prior = f"(class prompt `{config.class_prompt}`, prior-preservation weight {config.prior_weight})"
+    samples = "No validation prompts: no samples were drawn.\n\n"
+    if config.validation_prompts:
+        samples = (
+            f"Prompts {', '.join(f'`{prompt}`' for prompt in config.validation_prompts)}, seeds {config.seed} to "
+            f"{config.seed + config.num_validation_images - 1}, {config.validation_inference_steps} steps, guidance "
+            f"{config.guidance_scale}:\n\n![samples](samples.png)\n\n"
+        )
+    example_prompt = (config.validation_prompts or [config.instance_prompt])[0]
     text = f"""---
 library_name: diffusers
 base_model: {config.model}
@@ -54,13 +62,7 @@ Trained with `dreambooth_lib` to draw one subject, called by the identifier in *
 
 ## Samples
 
-Prompts {", ".join(f"`{prompt}`" for prompt in config.validation_prompts)}, seeds {config.seed} to
-{config.seed + config.num_validation_images - 1}, {config.validation_inference_steps} steps, guidance \
-{config.guidance_scale}:
-
-![samples](samples.png)
-
-![loss curve](loss.png)
+{samples}![loss curve](loss.png)
 
 ## Use
 
@@ -68,7 +70,7 @@ Prompts {", ".join(f"`{prompt}`" for prompt in config.validation_prompts)}, seed
 from diffusers import {pipeline_class}
 
 {load}
-image = pipe({config.validation_prompts[0]!r}).images[0]
+image = pipe({example_prompt!r}).images[0]
 ```
 
 or, for any run folder (also one trained on the tiny model):

@@ -544,7 +544,8 @@ def _save(training: Training) -> TrainResult:
             lora.export_kohya(run_dir / LORA_FILE, run_dir / KOHYA_FILE)
         else:
             _save_pipeline(components, output, accelerator.device)
-        _sample_grid(training).save(run_dir / "samples.png")
+        if config.validation_prompts:  # none asked for: no samples.png (and the card says so)
+            _sample_grid(training).save(run_dir / "samples.png")
         write_model_card(config, run_dir, components.kind, training.losses)
         skipped = sum(row["skipped"] for row in training.losses)
         if skipped:
