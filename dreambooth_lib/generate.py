@@ -19,8 +19,12 @@ def generate(
     negative_prompt: str | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    **pipeline_kwargs,
 ) -> list[Image.Image]:
     """Generate `num_images` images of `prompt`; image i always uses seed `seed + i`.
+
+    `pipeline_kwargs` go to the pipeline call as they are, e.g. `cross_attention_kwargs={"scale": 0.5}` for a LoRA's
+    strength.
 
     The same seed gives the same image whatever the batch size, up to float rounding (a batched matrix product may
     round a last bit differently, which can move a pixel by one level).
@@ -50,6 +54,7 @@ def generate(
             height=resolution,
             width=resolution,
             latents=latents,
+            **pipeline_kwargs,
         )
         images.extend(output.images)
     return images

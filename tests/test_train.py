@@ -246,7 +246,6 @@ def test_optional_features_train(tmp_path):
     assert (result.output / "text_encoder_2").is_dir()
 
 
-
 def test_a_run_without_validation_prompts_finishes_without_samples(tmp_path):
     # An empty prompt list is a valid choice (no sampling at the end), not a crash after the last step.
     config = tiny_config(tmp_path, validation_prompts=[], with_prior_preservation=False, max_steps=1)
@@ -255,6 +254,7 @@ def test_a_run_without_validation_prompts_finishes_without_samples(tmp_path):
     assert not (result.run_dir / "samples.png").exists()
     card = (result.run_dir / "README.md").read_text()
     assert "no samples were drawn" in card and "samples.png" not in card
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Resume: interrupted after step k and resumed to N == uninterrupted N steps.
