@@ -497,7 +497,7 @@ def load_part(
 
 
 def load_components(
-    source: str = TINY,
+    source: str | os.PathLike = TINY,
     *,
     kind: Kind | None = None,
     vae: str | None = None,
@@ -521,6 +521,7 @@ def load_components(
             Tiny components are always built in float32.
         seed: seed of the tiny components.
     """
+    source = os.fspath(source)  # a pathlib.Path to a pipeline folder works like its string
     if source == TINY:
         components = tiny_components(resolve_kind(source, kind), seed=seed)
         # Built in fp32; a per-part mapping is applied later, where the parts are placed for training.

@@ -71,7 +71,7 @@ def test_saved_folder_loads_in_stock_pipeline_and_generates(request, folder_fixt
 def test_saved_folder_loads_through_full_mode_path(request, folder_fixture, kind):
     folder = request.getfixturevalue(folder_fixture)
     reference = _state(request.getfixturevalue(f"tiny_{kind}"))
-    loaded = load_components(str(folder))
+    loaded = load_components(folder)  # a pathlib.Path, as notebooks build them
     assert loaded.kind == kind and not loaded.is_tiny
     assert loaded.noise_scheduler.config.beta_schedule == "scaled_linear"
     state = _state(loaded)
