@@ -125,3 +125,46 @@ def test_toy_command_will_not_write_over_an_earlier_experiment(tmp_path, capsys)
     assert cli.main(["toy", "--out", str(tmp_path)]) == 2
     assert "already holds a toy experiment" in capsys.readouterr().err
     assert (tmp_path / "metrics.json").read_text() == "{}"
+
+
+def test_toy_config_with_lora_takes_the_lessons_lora_settings_and_overrides_still_win(tmp_path):
+    settings = ToyExperiment()
+    lora = toy_dreambooth.toy_config(tmp_path, "lora", with_prior=True, use_lora=True)
+    assert (lora.use_lora, lora.lora_rank) == (True, settings.lora_rank)
+    assert (lora.learning_rate, lora.max_steps) == (settings.lora_learning_rate, settings.lora_steps)
+    full = toy_dreambooth.toy_config(tmp_path, "full", with_prior=True)
+    assert (full.learning_rate, full.max_steps) == (settings.learning_rate, settings.steps)
+    assert toy_dreambooth.toy_config(tmp_path, "short", with_prior=False, use_lora=True, max_steps=5).max_steps == 5
+
+
+def test_the_lora_scale_reaches_the_pipeline(tmp_path):
+    # Scale 0 must give the base model's picture back, scale 1 the trained one: generate() passes the scale through.
+    from diffusers import DiffusionPipeline
+
+    from dreambooth_lib.train import train
+
+    config = toy_dreambooth.toy_config(
+        tmp_path, "lora", with_prior=False, use_lora=True, max_steps=3, learning_rate=5e-2, validation_prompts=[]
+    )
+    run = train(config)
+    base = toy_dreambooth.sample(build_pipeline(toy_components()), toy_dreambooth.IDENTIFIER_PROMPT, 2)
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "base")
+    pipeline.load_lora_weights(run.run_dir)
+
+    def at(scale):
+        images = toy_dreambooth.sample(
+            pipeline, toy_dreambooth.IDENTIFIER_PROMPT, 2, cross_attention_kwargs={"scale": scale}
+        )
+        return np.stack([np.asarray(image, dtype=float) for image in images])
+
+    reference = np.stack([np.asarray(image, dtype=float) for image in base])
+    assert np.abs(at(0.0) - reference).max() <= 1  # one grey level of rounding
+    assert np.abs(at(1.0) - reference).mean() > 5
+
+
+def test_stacked_cells_keep_every_pixel_at_four_times_the_size():
+    stars = subject_images(3)
+    column = toy_dreambooth._stack(stars)
+    assert column.size == (64, 192) and column.mode == "RGB"
+    first = np.asarray(column.convert("L"))[:64:4, ::4]
+    assert np.array_equal(first, np.asarray(stars[0]))
