@@ -376,7 +376,8 @@ def metrics_table(metrics: dict) -> str:
         lines.append(f"base digit accuracy by guidance scale: {guidance}")
     if len(metrics["overfitting_without_prior"]) > 1:
         steps = ", ".join(
-            f"{n}: accuracy {row['digit_accuracy']:.0%}, distance {row['subject_distance']:.3f}"
+            f"{n}: accuracy {row['digit_accuracy']:.0%}, distance {row['subject_distance']:.3f}, "
+            f"diversity {row['identifier_diversity']:.3f}"
             for n, row in metrics["overfitting_without_prior"].items()
         )
         lines.append(f"without prior, by steps: {steps}")
