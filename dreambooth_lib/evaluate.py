@@ -34,6 +34,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTMod
 
 from dreambooth_lib.assets import data_dir
 from dreambooth_lib.environment import default_device, select_mode
+from dreambooth_lib.files import write_text_atomically
 from dreambooth_lib.generate import generate
 from dreambooth_lib.models import _source_error, load_run_pipeline, load_tokenizer, tiny_clip_text_config
 
@@ -581,5 +582,4 @@ def save_results(results: Sequence[EvaluationResult], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"runs": [result.to_dict() for result in results], "paper": PAPER_ROWS}
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
-    return path
+    return write_text_atomically(path, json.dumps(payload, indent=2, ensure_ascii=False))

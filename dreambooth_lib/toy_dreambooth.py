@@ -302,16 +302,15 @@ def _save_samples(folder: Path, images: Sequence[Image.Image]) -> None:
         image.save(folder / f"{index:03d}.png")
 
 
-def _measure(pipeline, classifier, subject, settings: ToyExperiment, out: Path | None) -> dict:
-    """Digit accuracy and the identifier's distance to the subject for one model; samples written under `out`
-    (without `out`, fewer samples: a point on a curve)."""
-    count = settings.samples_per_digit if out is not None else settings.curve_samples_per_digit
+def _measure(pipeline, classifier, subject, settings: ToyExperiment, out: Path, curve: bool = False) -> dict:
+    """Digit accuracy and the identifier's distance to the subject for one model, its samples written under `out`
+    (a point on a curve takes fewer digit samples)."""
+    count = settings.curve_samples_per_digit if curve else settings.samples_per_digit
     digits = digit_samples(pipeline, count, seed=settings.seed)
     identifier = sample(pipeline, IDENTIFIER_PROMPT, settings.samples_per_digit, seed=settings.seed)
-    if out is not None:
-        for k, images in digits.items():
-            _save_samples(out / f"digit_{k}", images)
-        _save_samples(out / "subject", identifier)
+    for k, images in digits.items():
+        _save_samples(out / f"digit_{k}", images)
+    _save_samples(out / "subject", identifier)
     return {
         "digit_accuracy": digit_accuracy(classifier, digits),
         "subject_distance": subject_distance(identifier, subject),
@@ -319,9 +318,9 @@ def _measure(pipeline, classifier, subject, settings: ToyExperiment, out: Path |
     }
 
 
-def _train_and_measure(config: TrainConfig, classifier, subject, settings: ToyExperiment, out: Path | None) -> dict:
+def _train_and_measure(config: TrainConfig, classifier, subject, settings: ToyExperiment, out: Path, **kwargs) -> dict:
     train(config)
-    return _measure(load_run_pipeline(config.output_dir), classifier, subject, settings, out)
+    return _measure(load_run_pipeline(config.output_dir), classifier, subject, settings, out, **kwargs)
 
 
 def run_toy_experiment(out: str | os.PathLike, settings: ToyExperiment = ToyExperiment()) -> dict:
@@ -329,7 +328,7 @@ def run_toy_experiment(out: str | os.PathLike, settings: ToyExperiment = ToyExpe
 
     Layout: `subject/*.png`; `base/` (the base as a pipeline folder); `runs/<name>/` (train()'s run folders);
     `samples/{base,with_prior,without_prior}/digit_<k>/NNN.png` and `samples/<model>/subject/` (the identifier's
-    samples); `metrics.json`.
+    samples), likewise `samples/without_prior_<n>_steps/` for the overfitting runs; `metrics.json`.
     """
     out = Path(out)
     if (out / "runs").exists() or (out / "metrics.json").exists():
@@ -356,7 +355,8 @@ def run_toy_experiment(out: str | os.PathLike, settings: ToyExperiment = ToyExpe
             config = toy_config(
                 out, f"without_prior_{steps}_steps", with_prior=False, settings=settings, max_steps=steps
             )
-            overfitting[steps] = _train_and_measure(config, classifier, subject, settings, None)
+            samples = out / "samples" / f"without_prior_{steps}_steps"
+            overfitting[steps] = _train_and_measure(config, classifier, subject, settings, samples, curve=True)
         metrics["overfitting_without_prior"] = {str(steps): overfitting[steps] for steps in sorted(overfitting)}
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -417,10 +417,14 @@ def compare_models(models: Mapping[str, object], prompts: Sequence[str], per_pro
 
 
 def samples_figure(out: str | os.PathLike, per_prompt: int = 3, models: Sequence[str] | None = None) -> Image.Image:
-    """One row per model of `run_toy_experiment`'s samples: the identifier's, then "digit 0" to "digit 9"; each cell
-    stacks the first `per_prompt` samples (the same seeds in every row, so rows differ only by the model)."""
+    """One row per model of `run_toy_experiment`'s samples (by default every one it wrote, the overfitting runs last):
+    the identifier's, then "digit 0" to "digit 9"; each cell stacks the first `per_prompt` samples (the same seeds in
+    every row, so rows differ only by the model)."""
     samples = Path(out) / "samples"
-    models = models or [name for name in ("base", "with_prior", "without_prior") if (samples / name).is_dir()]
+    if models is None:
+        longer = sorted(samples.glob("without_prior_*_steps"), key=lambda folder: int(folder.name.split("_")[2]))
+        models = [name for name in ("base", "with_prior", "without_prior") if (samples / name).is_dir()]
+        models += [folder.name for folder in longer]
     folders = ["subject", *(f"digit_{k}" for k in DIGITS)]
     rows = {
         name.replace("_", " "): [

@@ -111,6 +111,11 @@ def test_toy_command_writes_metrics_subject_and_grey_samples(tmp_path, monkeypat
             with Image.open(files[0]) as image:
                 assert image.mode == "L" and image.size == (16, 16)
     assert len(list((tmp_path / "samples" / "with_prior" / "subject").glob("*.png"))) == 2
+    # the overfitting run has samples too (fewer per digit: a point on a curve), and the figure shows it last
+    assert len(list((tmp_path / "samples" / "without_prior_1_steps" / "digit_3").glob("*.png"))) == 1
+    assert len(list((tmp_path / "samples" / "without_prior_1_steps" / "subject").glob("*.png"))) == 2
+    three_rows = toy_dreambooth.samples_figure(tmp_path, per_prompt=1, models=["base", "with_prior", "without_prior"])
+    assert toy_dreambooth.samples_figure(tmp_path, per_prompt=1).height > three_rows.height
     assert "digit accuracy" in capsys.readouterr().out
 
 
