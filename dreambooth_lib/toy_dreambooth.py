@@ -416,6 +416,15 @@ def compare_models(models: Mapping[str, object], prompts: Sequence[str], per_pro
     return stacked_rows(rows, [prompt.removeprefix("a photo of ") for prompt in prompts])
 
 
+def _row_label(folder: str) -> str:
+    """ "without_prior_300_steps" -> "without prior\n(300 steps)": two short lines fit beside a row of three samples."""
+    label = folder.replace("_", " ")
+    if label.endswith(" steps"):
+        head, steps, _ = label.rsplit(" ", 2)
+        return f"{head}\n({steps} steps)"
+    return label
+
+
 def samples_figure(out: str | os.PathLike, per_prompt: int = 3, models: Sequence[str] | None = None) -> Image.Image:
     """One row per model of `run_toy_experiment`'s samples (by default every one it wrote, the overfitting runs last):
     the identifier's, then "digit 0" to "digit 9"; each cell stacks the first `per_prompt` samples (the same seeds in
@@ -427,7 +436,7 @@ def samples_figure(out: str | os.PathLike, per_prompt: int = 3, models: Sequence
         models += [folder.name for folder in longer]
     folders = ["subject", *(f"digit_{k}" for k in DIGITS)]
     rows = {
-        name.replace("_", " "): [
+        _row_label(name): [
             [Image.open(path) for path in sorted((samples / name / folder).glob("*.png"))[:per_prompt]]
             for folder in folders
         ]
