@@ -145,7 +145,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_toy(args: argparse.Namespace) -> int:
     """DreamBooth on the toy digit model, with and without prior preservation, measured; a few minutes on a CPU."""
-    from dreambooth_lib.toy_dreambooth import ToyExperiment, metrics_table, run_toy_experiment
+    from dreambooth_lib.files import atomic_output
+    from dreambooth_lib.toy_dreambooth import ToyExperiment, metrics_table, run_toy_experiment, samples_figure
 
     if args.steps is not None and args.steps < 1:
         print(f"error: --steps {args.steps}: give a number of training steps of at least 1.", file=sys.stderr)
@@ -157,7 +158,9 @@ def run_toy(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(metrics_table(metrics))
-    print(f"wrote metrics.json, subject/ and samples/ to {args.out} in {metrics['seconds']:.0f} s")
+    with atomic_output(Path(args.out) / "samples.png") as temporary:  # every model's samples in one picture
+        samples_figure(args.out).save(temporary, format="PNG")
+    print(f"wrote metrics.json, samples.png, subject/ and samples/ to {args.out} in {metrics['seconds']:.0f} s")
     return 0
 
 

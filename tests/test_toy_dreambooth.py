@@ -116,6 +116,8 @@ def test_toy_command_writes_metrics_subject_and_grey_samples(tmp_path, monkeypat
     assert len(list((tmp_path / "samples" / "without_prior_1_steps" / "subject").glob("*.png"))) == 2
     three_rows = toy_dreambooth.samples_figure(tmp_path, per_prompt=1, models=["base", "with_prior", "without_prior"])
     assert toy_dreambooth.samples_figure(tmp_path, per_prompt=1).height > three_rows.height
+    with Image.open(tmp_path / "samples.png") as picture:  # one picture of every model's samples
+        assert picture.size == toy_dreambooth.samples_figure(tmp_path, per_prompt=3).size
     assert "digit accuracy" in capsys.readouterr().out
 
 
