@@ -579,7 +579,5 @@ def prompt_grid_figure(result: EvaluationResult, *, max_prompts: int | None = No
 
 def save_results(results: Sequence[EvaluationResult], path: str | Path) -> Path:
     """Write the scores (no images) with the paper's rows as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"runs": [result.to_dict() for result in results], "paper": PAPER_ROWS}
     return write_text_atomically(path, json.dumps(payload, indent=2, ensure_ascii=False))

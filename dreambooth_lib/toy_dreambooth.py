@@ -93,6 +93,11 @@ def subject_images(count: int = 4, seed: int = 0) -> list[Image.Image]:
     return images
 
 
+def read_subject(out: str | os.PathLike) -> list[Image.Image]:
+    """The subject's images a toy run trained on (`out/subject/*.png`, written by `toy_config`), in grey."""
+    return [Image.open(path).convert("L") for path in sorted((Path(out) / "subject").glob("*.png"))]
+
+
 def write_subject(folder: str | os.PathLike, count: int = 4, seed: int = 0) -> list[Path]:
     """Write the subject's images as `star-<i>.png` (grey, 16 px) and return their paths."""
     folder = Path(folder)
@@ -342,7 +347,7 @@ def run_toy_experiment(out: str | os.PathLike, settings: ToyExperiment = ToyExpe
             name: toy_config(out, name, with_prior=name == "with_prior", settings=settings)
             for name in ("with_prior", "without_prior")
         }
-        subject = [Image.open(path).convert("L") for path in sorted((out / "subject").glob("*.png"))]
+        subject = read_subject(out)
         models = {"base": _measure(base, classifier, subject, settings, out / "samples" / "base")}
         scales = settings.guidance_scales
         curve = guidance_accuracy(base, scales, settings.curve_samples_per_digit, classifier)

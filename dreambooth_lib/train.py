@@ -545,7 +545,8 @@ def _save(training: Training) -> TrainResult:
         else:
             _save_pipeline(components, output, accelerator.device)
         if config.validation_prompts:  # none asked for: no samples.png (and the card says so)
-            _sample_grid(training).save(run_dir / "samples.png")
+            with atomic_output(run_dir / "samples.png") as temporary:
+                _sample_grid(training).save(temporary, format="PNG")
         write_model_card(config, run_dir, components.kind, training.losses)
         skipped = sum(row["skipped"] for row in training.losses)
         if skipped:
