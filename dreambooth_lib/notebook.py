@@ -40,7 +40,6 @@ REHEARSAL_VARIABLE = "DREAMBOOTH_REHEARSAL"
 REHEARSAL_COUNT = 2  # the most steps, images, prompts or sampling steps a rehearsal runs of anything
 REHEARSAL_RUN_SETTINGS: dict[str, int] = {
     "max_steps": 2,
-    "checkpointing_steps": 1,
     "num_class_images": 2,
     "class_inference_steps": 2,
     "num_validation_images": 1,
