@@ -55,6 +55,12 @@ COLAB_FILES = """def upload(*args, **kwargs):
 """
 
 
+# Run after a notebook's last cell in a GPU rehearsal: the kernel's peak CUDA memory (the process the notebook ran in).
+PEAK_CELL = """import json, torch
+print("PEAK " + json.dumps({"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}))"""
+
+
 class RehearsalFailure(Exception):
     """A cell failed; the message is the one line the rehearsal prints."""
 
@@ -70,23 +76,26 @@ def stand_in_colab(work: Path) -> dict[str, str]:
     (startup / "00-colab.py").write_text("import google.colab\n")
     shutil.copy(REPO / ".ci" / "cell_trace.py", startup / "01-cell-trace.py")  # records lines run, when asked
     (work / "drive").mkdir()
+    python_path = os.pathsep.join(filter(None, [str(work / "fake-colab"), os.environ.get("PYTHONPATH")]))
     return {
-        "PYTHONPATH": str(work / "fake-colab"),
+        "PYTHONPATH": python_path,  # the stand-in first, beside what the caller set (gpu.sh's wheels)
         "IPYTHONDIR": str(work / "ipython"),
         "REHEARSAL_DRIVE": str(work / "drive"),
     }
 
 
-def write_hub(cache: Path) -> Path:
+def write_hub(cache: Path, full: bool) -> Path:
     spec = importlib.util.spec_from_file_location("standin_hub", REPO / "scripts" / "standin_hub.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.write_standin_hub(cache)
+    return module.write_standin_hub(cache, full=full)
 
 
-def execute(path: Path, folder: Path, timeout: int) -> str:
-    """Run one notebook in `folder`; return all its text output."""
+def execute(path: Path, folder: Path, timeout: int, measure_gpu: bool) -> str:
+    """Run one notebook in `folder`; return all its text output (with a PEAK line after it when `measure_gpu`)."""
     notebook = nbformat.read(path, as_version=4)
+    if measure_gpu:
+        notebook.cells.append(nbformat.v4.new_code_cell(PEAK_CELL))
     client = NotebookClient(
         notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
     )
@@ -117,7 +126,7 @@ def summary(name: str, output: str) -> str:
     return f"{name}: {mode.split(':', 1)[1].strip()} | {rehearsal.split(':', 1)[1].strip()[:60]}... | {', '.join(ids)}"
 
 
-def rehearse(notebooks: list[Path], work: Path, hub: Path, device: str, timeout: int) -> dict[str, float]:
+def rehearse(notebooks: list[Path], work: Path, hub: Path, device: str, timeout: int) -> dict[str, dict]:
     env = stand_in_colab(work)
     env |= {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "DREAMBOOTH_MODE": "full", "DREAMBOOTH_REHEARSAL": device}
     os.environ.update(env)
@@ -131,9 +140,11 @@ def rehearse(notebooks: list[Path], work: Path, hub: Path, device: str, timeout:
             if run:  # a new Colab runtime: its local disk is gone, Drive is still there
                 shutil.rmtree(CONTENT / "runs", ignore_errors=True)
             start = time.perf_counter()
-            output = execute(path, folder, timeout)
+            output = execute(path, folder, timeout, measure_gpu=device == "gpu")
             seconds = time.perf_counter() - start
-            timings[path.stem + (" (resumed)" if run else "")] = round(seconds, 1)
+            peak = re.search(r"^PEAK (.*)$", output, re.MULTILINE)
+            measured = {"wall_s": round(seconds, 1), **(json.loads(peak.group(1)) if peak else {})}
+            timings[path.stem + (" (resumed)" if run else "")] = measured
             print(f"{summary(path.stem, output)} | {seconds:.0f} s", flush=True)
     return timings
 
@@ -142,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in notebooks/")
     parser.add_argument("--hub", type=Path, help="a stand-in hub cache to use (default: write a tiny one)")
+    parser.add_argument("--full-size", action="store_true", help="write a full-size stand-in cache (for a GPU)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="the DREAMBOOTH_REHEARSAL kind")
     parser.add_argument("--records", type=Path, help="record the lines each cell ran here (.ci/cell_coverage.py)")
-    parser.add_argument("--timings-json", type=Path, help="write each notebook's wall time here")
+    parser.add_argument("--timings-json", type=Path, help="write each notebook's wall time (and GPU peaks) here")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one cell may take")
     args = parser.parse_args(argv)
     notebooks = [path.resolve() for path in args.notebooks] or sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     work = Path(tempfile.mkdtemp(prefix="rehearsal-"))
     try:
-        hub = args.hub or write_hub(work / "hub")
+        hub = args.hub or write_hub(work / "hub", full=args.full_size)
         if args.records:
             os.environ["NOTEBOOK_CELL_RECORDS"] = str(args.records.resolve())
         timings = rehearse(notebooks, work, hub, args.device, args.timeout)
@@ -169,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.timings_json:
         args.timings_json.parent.mkdir(parents=True, exist_ok=True)
         args.timings_json.write_text(json.dumps(timings, indent=1) + "\n")
-    print(f"rehearsal: passed ({len(notebooks)} notebooks, {sum(timings.values()):.0f} s)")
+    total = sum(measured["wall_s"] for measured in timings.values())
+    print(f"rehearsal: passed ({len(notebooks)} notebooks, {total:.0f} s)")
     return 0
 
 
