@@ -100,19 +100,21 @@ def execute(path: Path, folder: Path, timeout: int, measure_gpu: bool) -> str:
         notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
     )
     text = []
-    with client.setup_kernel():
-        for index, cell in enumerate(notebook.cells):
-            if cell.cell_type != "code":
-                continue
-            try:
-                client.execute_cell(cell, index)
-            except CellExecutionError as error:
-                print(error, file=sys.stderr)  # the cell's traceback, for whoever fixes it; the one line comes last
-                where = f"{path.stem} cell {index} (id {cell.get('id', f'c{index}')})"
-                raise RehearsalFailure(f"failed at {where}: {error.ename}: {error.evalue}") from None
-            for output in cell.get("outputs", []):
-                text.append(output.get("text", "") + "".join(output.get("data", {}).get("text/plain", "")))
-    nbformat.write(notebook, folder / path.name)  # the executed copy, for a look afterwards
+    try:
+        with client.setup_kernel():
+            for index, cell in enumerate(notebook.cells):
+                if cell.cell_type != "code":
+                    continue
+                try:
+                    client.execute_cell(cell, index)
+                except CellExecutionError as error:
+                    print(error, file=sys.stderr)  # the cell's traceback, for whoever fixes it; the one line comes last
+                    where = f"{path.stem} cell {index} (id {cell.get('id', f'c{index}')})"
+                    raise RehearsalFailure(f"failed at {where}: {error.ename}: {error.evalue}") from None
+                for output in cell.get("outputs", []):
+                    text.append(output.get("text", "") + "".join(output.get("data", {}).get("text/plain", "")))
+    finally:
+        nbformat.write(notebook, folder / f"{path.stem}.executed.ipynb")  # to look at, above all after a failure
     return "".join(text)
 
 
@@ -140,7 +142,7 @@ def rehearse(notebooks: list[Path], work: Path, hub: Path, device: str, timeout:
             if run:  # a new Colab runtime: its local disk is gone, Drive is still there
                 shutil.rmtree(CONTENT / "runs", ignore_errors=True)
             start = time.perf_counter()
-            output = execute(path, folder, timeout, measure_gpu=device == "gpu")
+            output = execute(folder / path.name, folder, timeout, measure_gpu=device == "gpu")
             seconds = time.perf_counter() - start
             peak = re.search(r"^PEAK (.*)$", output, re.MULTILINE)
             measured = {"wall_s": round(seconds, 1), **(json.loads(peak.group(1)) if peak else {})}
@@ -173,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["NOTEBOOK_CELL_RECORDS"] = str(args.records.resolve())
         timings = rehearse(notebooks, work, hub, args.device, args.timeout)
     except RehearsalFailure as failure:
-        print(failure, file=sys.stderr)
+        shutil.rmtree(work / "hub", ignore_errors=True)
+        print(f"(the executed notebooks are kept in {work / 'notebooks'})\n{failure}", file=sys.stderr)
         return 1
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     finally:
         shutil.rmtree(CONTENT, ignore_errors=True)  # only ever the rehearsal's own: it refused to start if it existed
-        shutil.rmtree(work, ignore_errors=True)
     if args.timings_json:
         args.timings_json.parent.mkdir(parents=True, exist_ok=True)
         args.timings_json.write_text(json.dumps(timings, indent=1) + "\n")

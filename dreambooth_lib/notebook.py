@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+from dreambooth_lib.checkpoints import checkpoint_step, latest_checkpoint
+from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.environment import EnvironmentReport, ModeChoice, default_device, environment_report
+from dreambooth_lib.runs import CHECKPOINTS
 
 DRIVE_MOUNT = Path("/content/drive")
 # Full runs on Colab are kept here, one folder per run, so a reconnected runtime finds and resumes them.
@@ -116,6 +119,18 @@ class NotebookSetup:
         if self.colab and not self.tiny:
             return {"output_dir": str(COLAB_LOCAL_RUNS / run_dir.relative_to(DRIVE_RUNS)), "mirror_dir": str(run_dir)}
         return {"output_dir": str(run_dir), "mirror_dir": None}
+
+    def resumed(self, config: TrainConfig) -> TrainConfig:
+        """`config`, with max_steps raised to the step its run already reached when an earlier execution trained it
+        further (notebook 05's "train longer" cell): running the notebook again then resumes the run where it stands,
+        instead of stopping at a checkpoint beyond max_steps. Unchanged unless config resumes ('latest')."""
+        folders = [Path(folder) / CHECKPOINTS for folder in (config.output_dir, config.mirror_dir) if folder]
+        latest = latest_checkpoint(folders) if config.resume_from == "latest" else None
+        if latest is None or checkpoint_step(latest) <= config.max_steps:
+            return config
+        step = checkpoint_step(latest)
+        print(f"this run was trained to step {step} before: max_steps {config.max_steps} -> {step}, to resume there")
+        return config.replace(max_steps=step)
 
     def run_settings(self) -> dict[str, object]:
         """Settings that shrink a run to a demonstration in tiny mode; none in full mode (a rehearsal's otherwise)."""

@@ -36,3 +36,15 @@ def test_an_unknown_rehearsal_is_refused(full_mode, monkeypatch):
     monkeypatch.setenv("DREAMBOOTH_REHEARSAL", "yes")
     with pytest.raises(ValueError, match="DREAMBOOTH_REHEARSAL"):
         notebook.rehearsal_requested()
+
+
+def test_a_run_trained_further_before_resumes_where_it_stands(full_mode, tmp_path):
+    """Notebook 05 run again after its "train longer" cell: the run's checkpoint is beyond the notebook's max_steps;
+    the set-up raises max_steps to it (train() refused: "at step 4, beyond max_steps=2")."""
+    setup = notebook_setup()
+    local, drive = tmp_path / "local", tmp_path / "drive"
+    (drive / "checkpoints" / "checkpoint-4").mkdir(parents=True)  # a new runtime: only the Drive mirror has it
+    config = TrainConfig.preset("tiny-cpu", max_steps=2, output_dir=str(local), mirror_dir=str(drive))
+    assert setup.resumed(config.replace(resume_from="latest")).max_steps == 4
+    assert setup.resumed(config.replace(resume_from=None)).max_steps == 2  # a fresh start is left as asked
+    assert setup.resumed(config.replace(resume_from="latest", max_steps=6)).max_steps == 6
