@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from tiny_runs import DOG, LORA_SETTINGS, ROOT, Steps, assert_same_run, tiny_config
+from transformers import CLIPTextModelWithProjection
 
 from dreambooth_lib import cli, lora, runs
 from dreambooth_lib.checkpoints import checkpoint_step, latest_checkpoint, list_checkpoints, resolve_resume
@@ -29,7 +31,7 @@ from dreambooth_lib.models import build_pipeline, load_run_pipeline, tiny_compon
 from dreambooth_lib.runs import RunError
 from dreambooth_lib.schedule import NoiseSchedule
 from dreambooth_lib.text import encode_prompt
-from dreambooth_lib.train import train
+from dreambooth_lib.train import _make_optimizer, train
 
 SECRET = "hf_THIS_TOKEN_MUST_NEVER_BE_WRITTEN_0123456789"
 
@@ -212,9 +214,32 @@ def test_text_encoder_stops_training_after_its_fraction(tmp_path):
     assert any(not torch.equal(p, pipeline.unet.state_dict()[n]) for n, p in base.unet.state_dict().items())
 
 
-def test_optional_features_train(tmp_path):
+def test_optional_features_train(tmp_path, monkeypatch):
     # Prodigy, min-SNR weighting, offset noise, gradient checkpointing, no latent cache (VAE in the loop), SDXL with
-    # cached prompt embeddings (frozen text encoders).
+    # cached prompt embeddings (frozen text encoders): each checked where it acts, not only by a finite loss.
+    import dreambooth_lib.train as train_module
+
+    seen = {"noise_offsets": [], "min_snr": [], "encodes": 0, "text_encodes": 0}
+    real_noise, real_loss, real_optimizer = train_module.sample_noise, train_module.diffusion_loss, _make_optimizer
+
+    def noise(latents, offset):
+        seen["noise_offsets"].append(offset)
+        return real_noise(latents, offset)
+
+    def loss(*args, **kwargs):
+        seen["min_snr"].append(kwargs["min_snr_gamma"])
+        seen["checkpointing"] = seen.get("checkpointing", True) and args[0].unet.is_gradient_checkpointing
+        return real_loss(*args, **kwargs)
+
+    def optimizer(*args):
+        seen["optimizer"] = real_optimizer(*args)
+        return seen["optimizer"]
+
+    monkeypatch.setattr(train_module, "sample_noise", noise)
+    monkeypatch.setattr(train_module, "diffusion_loss", loss)
+    monkeypatch.setattr(train_module, "_make_optimizer", optimizer)
+    steps = Steps()
+    encodes = _count_calls(monkeypatch, AutoencoderKL, "encode")
     config = tiny_config(
         tmp_path,
         kind="sdxl",
@@ -226,10 +251,28 @@ def test_optional_features_train(tmp_path):
         gradient_checkpointing=True,
         cache_latents=False,
         max_steps=2,
+        validation_prompts=[],
     )
-    result = train(config)
+    text_encodes = _count_calls(monkeypatch, CLIPTextModelWithProjection, "forward")
+    result = train(config, [steps, lambda step, row: seen.update({step: (len(encodes), len(text_encodes))})])
     assert all(np.isfinite(row["loss"]) and np.isfinite(row["prior_loss"]) for row in result.losses)
+    assert type(seen["optimizer"]).__name__ == "Prodigy"
+    assert any("p0" in state for state in seen["optimizer"].state.values())  # Prodigy's own state: it stepped
+    assert seen["noise_offsets"] == [0.1, 0.1] and seen["min_snr"] == [5.0, 5.0] and seen["checkpointing"]
+    assert seen[2][0] - seen[1][0] == 1  # the VAE encoded the step's batch: no latent cache
+    assert seen[2][1] == seen[1][1]  # no text-encoder call per step: the prompts' embeddings were cached
     assert (result.output / "text_encoder_2").is_dir()
+
+
+def _count_calls(monkeypatch, owner, name) -> list[str]:
+    calls, original = [], getattr(owner, name)
+
+    def counted(self, *args, **kwargs):
+        calls.append(name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
 
 
 def test_a_run_without_validation_prompts_finishes_without_samples(tmp_path):
