@@ -34,3 +34,17 @@ def tiny_sdxl_folder(tmp_path_factory, tiny_sdxl):
     from dreambooth_lib.models import save_components
 
     return save_components(tiny_sdxl, tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Process-wide state a test changes and must give back (issue 22).
+
+
+@pytest.fixture
+def matplotlib_backend():
+    """Lets a test switch matplotlib's backend; the one before it is restored afterwards, pass or fail."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    yield matplotlib
+    matplotlib.use(before)

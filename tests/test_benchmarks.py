@@ -76,7 +76,7 @@ def test_our_loop_runs_neither_vae_nor_frozen_text_encoder_per_step(benchmarks, 
         monkeypatch.undo()
     # Images and prompts are encoded once, before the loop (and prompts again for the final samples): four more
     # steps add no encoder call.
-    assert counts[0] == counts[1] and counts[0][0] > 0
+    assert counts[0] == counts[1] and counts[0][0] > 0 and counts[0][1] > 0  # both counters see their calls
 
 
 def test_class_image_benchmark_reports_both_generators(benchmarks, tmp_path, capsys):
