@@ -76,3 +76,17 @@ def offline_hub(monkeypatch):
         return cache
 
     return use
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Process-wide state a test changes and must give back (issue 22).
+
+
+@pytest.fixture
+def matplotlib_backend():
+    """Lets a test switch matplotlib's backend; the one before it is restored afterwards, pass or fail."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    yield matplotlib
+    matplotlib.use(before)
