@@ -19,7 +19,8 @@ def _start() -> None:
     ipython = get_ipython()  # noqa: F821 (IPython defines it for start-up scripts)
     if not folder or ipython is None:
         return
-    mode = os.environ.get("DREAMBOOTH_MODE", "auto")
+    # The mode the notebook's own setup selects (DREAMBOOTH_MODE, else by the machine), without importing torch here.
+    mode = os.environ.get("DREAMBOOTH_MODE") or ("full" if Path("/proc/driver/nvidia/gpus").is_dir() else "tiny")
     record = Path(folder) / f"{mode}-{os.getpid()}.jsonl"
     record.parent.mkdir(parents=True, exist_ok=True)
     executed: dict[str, set[int]] = {}
