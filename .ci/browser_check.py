@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, sync_playwright
 
@@ -44,19 +45,35 @@ class CheckFailed(Exception):
 
 @dataclass
 class Watch:
-    """What the page reported while the check ran: console errors from the widget machinery, page errors."""
+    """What reached the page while the check ran: console errors from the widget machinery, page errors, and the
+    kernel's error reports, read from its websocket. The last catch what no cell shows: JupyterLab puts the traceback
+    of a failing widget callback in its log console, and the kernel sends a callback's failure only as stderr text."""
 
     errors: list[str] = field(default_factory=list)
 
     def attach(self, page: Page) -> None:
         page.on("console", self._console)
         page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
+        page.on("websocket", lambda socket: socket.on("framereceived", self._kernel_message))
 
     def _console(self, message) -> None:
         text = message.text
         widget_related = any(word in text.lower() for word in ("widget", "model", "comm", "manager"))
         if message.type == "error" and widget_related:
             self.errors.append(f"console error: {text}")
+
+    def _kernel_message(self, frame: str | bytes) -> None:
+        if isinstance(frame, bytes):  # JupyterLab's binary kernel protocol
+            _channel, parts = deserialize_msg_from_ws_v1(frame)
+            kind, content = json.loads(parts[0]).get("msg_type"), json.loads(parts[3])
+        else:  # the classic notebook's JSON messages
+            message = json.loads(frame)
+            kind, content = message.get("msg_type"), message.get("content", {})
+        if kind == "error":
+            self.errors.append(f"kernel error: {content.get('ename')}: {content.get('evalue')}")
+        elif kind == "stream" and content.get("name") == "stderr" and "Traceback" in content.get("text", ""):
+            last = [line for line in content["text"].splitlines() if line.strip()][-1]
+            self.errors.append(f"kernel traceback: {last.strip()}")
 
     def raise_if_any(self, where: str) -> None:
         if self.errors:
@@ -72,6 +89,8 @@ class FrontEnd:
 
     def __init__(self, page: Page, base_url: str, token: str) -> None:
         self.page, self.base_url, self.token = page, base_url.rstrip("/"), token
+        self.watch = Watch()
+        self.watch.attach(page)
 
     def cell(self, index: int):
         return self.page.locator(self.cell_selector).nth(index)
@@ -84,6 +103,7 @@ class FrontEnd:
             state = self.page.evaluate(self.state_script, [start, stop])
             if state["errors"]:
                 raise CheckFailed(f"{self.name}: a cell raised: {state['errors'][0]}")
+            self.watch.raise_if_any(f"{self.name}, cells {start}..{stop - 1}")
             if state["done"]:
                 return
             on_poll()
@@ -220,7 +240,7 @@ def same(shown, wanted) -> bool:
     return shown == wanted
 
 
-def page_errors(front: FrontEnd, watch: Watch, where: str) -> None:
+def page_errors(front: FrontEnd, where: str) -> None:
     """Fail on any widget error the page shows or reported."""
     text = front.page.inner_text("body")
     for needle in ERROR_TEXTS:
@@ -230,7 +250,7 @@ def page_errors(front: FrontEnd, watch: Watch, where: str) -> None:
     errors = front.errors_in_outputs()
     if errors:
         raise CheckFailed(f"{front.name} {where}: an error in a cell or a widget callback: {errors[0]}")
-    watch.raise_if_any(f"{front.name} {where}")
+    front.watch.raise_if_any(f"{front.name} {where}")
 
 
 def shot(front: FrontEnd, locator, shots: Path, what: str) -> None:
@@ -241,8 +261,10 @@ def shot(front: FrontEnd, locator, shots: Path, what: str) -> None:
 
 
 def wait_until(front: FrontEnd, condition, what: str, timeout_s: float = 60) -> None:
+    """Wait for a condition in the page; an error that reaches the page meanwhile fails at once with its message."""
     deadline = time.monotonic() + timeout_s
     while not condition():
+        front.watch.raise_if_any(front.name)
         if time.monotonic() > deadline:
             raise CheckFailed(f"{front.name}: {what}")
         front.page.wait_for_timeout(200)
@@ -257,7 +279,7 @@ def cell_index(folder: Path, notebook: str, cell_id: str) -> int:
     return next(index for index, cell in enumerate(cells) if cell.get("id") == cell_id)
 
 
-def check_form(front: FrontEnd, watch: Watch, folder: Path, shots: Path) -> None:
+def check_form(front: FrontEnd, folder: Path, shots: Path) -> None:
     """Notebook 05: the form drawn, a preset and back, two settings changed by hand, then the run they make."""
     front.open(FORM_NOTEBOOK)
     form_at, train_at = cell_index(folder, FORM_NOTEBOOK, FORM_CELL), cell_index(folder, FORM_NOTEBOOK, TRAIN_CELL)
@@ -267,7 +289,7 @@ def check_form(front: FrontEnd, watch: Watch, folder: Path, shots: Path) -> None
     memory = lambda: cell.locator(".widget-html-content", has_text="GPU memory").inner_text()  # noqa: E731
     preset = cell.locator("select").first
     wait_until(front, lambda: len(fields()) == len(DEFAULT_FIELDS), f"the form lacks fields: has {sorted(fields())}")
-    page_errors(front, watch, "05 form drawn")
+    page_errors(front, "05 form drawn")
     notebook_values, memory_before = fields(), memory()
     if preset.input_value() != "(this notebook's settings)" or "GiB" not in memory_before + memory_before.replace(
         "MiB", "GiB"
@@ -299,17 +321,17 @@ def check_form(front: FrontEnd, watch: Watch, folder: Path, shots: Path) -> None
     retyped = cell.locator(".widget-inline-hbox", has=front.page.get_by_text(RETYPED[0], exact=True)).locator("input")
     retyped.fill(str(RETYPED[1]))
     retyped.press("Enter")
-    page_errors(front, watch, "05 settings changed")
+    page_errors(front, "05 settings changed")
     changed = fields()
     if changed[TOGGLED] == notebook_values[TOGGLED] or not same(changed[RETYPED[0]], RETYPED[1]):
         raise CheckFailed(f"{front.name}: the changes did not take: {changed}")
     print(f"   changed {TOGGLED} and {RETYPED[0]}={RETYPED[1]}: memory line {memory()!r}")
     shot(front, cell, shots, "05-form-changed")
 
-    check_training(front, watch, folder, shots, (form_at, train_at), changed)
+    check_training(front, folder, shots, (form_at, train_at), changed)
 
 
-def check_training(front: FrontEnd, watch: Watch, folder: Path, shots: Path, cells: tuple[int, int], shown) -> None:
+def check_training(front: FrontEnd, folder: Path, shots: Path, cells: tuple[int, int], shown) -> None:
     """The cells after the form, training with the form's settings: progress and loss plot live, the run folder."""
     form_at, train_at = cells
     train_cell = front.cell(train_at)
@@ -329,7 +351,7 @@ def check_training(front: FrontEnd, watch: Watch, folder: Path, shots: Path, cel
     print(f"   training: {len(updates['progress'])} progress-bar states, {updates['pictures']} loss-plot pictures")
     if len(updates["progress"]) < 3 or updates["pictures"] < 3:
         raise CheckFailed(f"{front.name}: progress or loss plot did not update while training: {updates}")
-    page_errors(front, watch, "05 training")
+    page_errors(front, "05 training")
     shot(front, train_cell, shots, "05-training-done")
     printed = RUN_FOLDER.search(front.page.inner_text(front.notebook_selector))
     config_file = Path(printed.group(1) if printed else "(not printed)") / "config.json"
@@ -343,18 +365,18 @@ def check_training(front: FrontEnd, watch: Watch, folder: Path, shots: Path, cel
     start = time.monotonic()
     front.run(train_at + 1, front.page.locator(front.cell_selector).count())
     print(f"   the rest of 05: {time.monotonic() - start:.0f} s")
-    page_errors(front, watch, "05 after training")
+    page_errors(front, "05 after training")
     front.close()
 
 
-def check_slider(front: FrontEnd, watch: Watch, folder: Path, notebook: str, shots: Path) -> None:
+def check_slider(front: FrontEnd, folder: Path, notebook: str, shots: Path) -> None:
     """Run the notebook up to its first slider, move it by a click on the track, and check that the picture's bytes
     change. (The cells after it are the nbval run's business: the check stays inside its time budget.)"""
     front.open(notebook)
     cells = json.loads((folder / notebook).read_text())["cells"]
     slider_at = next(index for index, cell in enumerate(cells) if "Slider(" in "".join(cell["source"]))
     front.run(0, slider_at + 1)
-    page_errors(front, watch, f"{notebook} run")
+    page_errors(front, f"{notebook} run")
     cell = front.cell(slider_at)
     image = cell.locator(".jupyter-widgets img, img.widget-image").first
     track = cell.locator(".widget-hslider .noUi-target, .widget-hslider .ui-slider").first
@@ -366,7 +388,7 @@ def check_slider(front: FrontEnd, watch: Watch, folder: Path, notebook: str, sho
     front.page.mouse.click(box["x"] + box["width"] * 0.85, box["y"] + box["height"] / 2)
     wait_until(front, lambda: readout.inner_text() != value_before, f"{name}: the slider did not move")
     wait_until(front, lambda: image.evaluate(IMAGE_HASH_SCRIPT) != before, f"{name}: the picture did not change")
-    page_errors(front, watch, f"{notebook} slider")
+    page_errors(front, f"{notebook} slider")
     print(f"   {name}: slider {value_before} -> {readout.inner_text()}, picture bytes changed")
     shot(front, cell, shots, f"{name}-slider-after")
     front.close()
@@ -385,16 +407,14 @@ def main() -> int:
         browser = playwright.chromium.connect_over_cdp(args.cdp)
         page = browser.contexts[0].new_page()
         page.set_viewport_size({"width": 1280, "height": 2400})  # the whole form in one screenshot
-        watch = Watch()
-        watch.attach(page)
         front = (Lab if args.frontend == "lab" else Classic)(page, args.url, args.token)
         try:
             start = time.monotonic()
-            check_form(front, watch, args.notebooks, args.shots)
+            check_form(front, args.notebooks, args.shots)
             print(f"   ({time.monotonic() - start:.0f} s)")
             for notebook in SLIDER_NOTEBOOKS:
                 start = time.monotonic()
-                check_slider(front, watch, args.notebooks, notebook, args.shots)
+                check_slider(front, args.notebooks, notebook, args.shots)
                 print(f"   ({time.monotonic() - start:.0f} s)")
         except (CheckFailed, PlaywrightError) as error:
             page.screenshot(path=args.shots / f"{args.frontend}-failure.png")
