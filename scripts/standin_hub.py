@@ -188,6 +188,8 @@ def _vae(resolution: int, scaling_factor: float, full: bool) -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=resolution,
         scaling_factor=scaling_factor,
+        # Self-attention over all 128x128 latents of a 1024 px image costs seconds on a CPU; tiny needs no attention.
+        mid_block_add_attention=False,
     )
 
 
