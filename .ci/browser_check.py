@@ -182,10 +182,12 @@ class Classic(FrontEnd):
     }"""
 
     def open(self, notebook: str) -> None:
-        self.page.goto(f"{self.base_url}/notebooks/{notebook}?token={self.token}")
+        self.page.goto(f"{self.base_url}/nbclassic/notebooks/{notebook}?token={self.token}")
         self.page.wait_for_function(
             "() => window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
-            " && Jupyter.notebook.kernel.is_connected() && !Jupyter.notebook.kernel_busy",
+            " && Jupyter.notebook.kernel.is_connected() && !Jupyter.notebook.kernel_busy"
+            # The widget extension loads after the kernel: a widget shown before it is left blank.
+            " && Jupyter.notebook.kernel.widget_manager !== undefined",
             timeout=120_000,
         )
 
@@ -417,7 +419,8 @@ def main() -> int:
                 check_slider(front, args.notebooks, notebook, args.shots)
                 print(f"   ({time.monotonic() - start:.0f} s)")
         except (CheckFailed, PlaywrightError) as error:
-            page.screenshot(path=args.shots / f"{args.frontend}-failure.png")
+            page.screenshot(path=args.shots / f"{args.frontend}-failure.png", full_page=True)
+            (args.shots / f"{args.frontend}-failure.html").write_text(page.content())
             print(f"browser-check ({args.frontend}) FAILED: {error}", file=sys.stderr)
             return 1
     print(f"browser-check ({args.frontend}): the form, the training and the sliders work in the browser")
