@@ -5,6 +5,11 @@ import os
 # Before anything imports huggingface_hub: no test may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("DREAMBOOTH_MODE", "tiny")
+# The test command runs two processes (pytest-xdist) on CI's two cores: one thread each, inherited by the notebooks'
+# kernels. Two threads each would oversubscribe the cores, and OpenMP threads waiting on a busy core slow torch down
+# many times over (seen under load: notebook 02's one-minute training cell ran past its 300-s timeout).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
