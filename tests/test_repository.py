@@ -34,3 +34,14 @@ def test_notebooks_install_from_one_source():
 def test_committed_notebooks_are_small():
     for notebook in (ROOT / "notebooks").glob("*.ipynb"):
         assert notebook.stat().st_size < 200_000, f"{notebook.name}: strip outputs before committing"
+
+
+def test_notebooks_are_valid_for_the_format_version_they_declare():
+    """The classic notebook (Colab's widget protocol) opens an invalid notebook behind a blocking "Notebook validation
+    failed" dialog: 04 once declared nbformat 4.4 while two of its cells carried ids, which need 4.5."""
+    import nbformat
+
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        content = nbformat.read(notebook, as_version=nbformat.NO_CONVERT)
+        errors = [error.message for error in nbformat.validator.iter_validate(content)]
+        assert not errors, f"{notebook.name}: {errors[:3]}"
