@@ -187,7 +187,8 @@ class Classic(FrontEnd):
             "() => window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
             " && Jupyter.notebook.kernel.is_connected() && !Jupyter.notebook.kernel_busy"
             # The widget extension loads after the kernel: a widget shown before it is left blank.
-            " && Jupyter.notebook.kernel.widget_manager !== undefined",
+            " && Jupyter.notebook.kernel.widget_manager !== undefined && require('notebook/js/outputarea')"
+            ".OutputArea.display_order.includes('application/vnd.jupyter.widget-view+json')",
             timeout=120_000,
         )
 
