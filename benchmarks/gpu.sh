@@ -12,6 +12,11 @@
 #               ~5 minutes)
 #       class   class_images.py --gpu: class-image throughput, SD 1.5 and SDXL (~2 minutes)
 #       memory  activation_memory.py: real CUDA peaks of one step beside the CPU counts (~3 minutes)
+#       rehearsal  .ci/rehearse.py --device gpu: every notebook in full mode against full-size stand-in weights under
+#               the real hub ids (scripts/standin_hub.py --full, ~25 GB written first), CUDA fp16, the real presets
+#               (8-bit AdamW, gradient checkpointing), the process capped at 15 GiB as on a T4; per notebook its wall
+#               time and peak allocated/reserved memory. Needs nbclient and ipykernel on the machine too.
+#               DRY_RUN=1: the plumbing only, on a CPU (tiny stand-ins, notebook 01, no CUDA needed).
 #     (train when none is named: one command may run at most 10 minutes, so run the others one per command)
 #
 # It writes PART-gpu.json files to $OUT when set, else to benchmarks/results/, and prints the tables that README.md's
@@ -46,7 +51,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 results="${OUT:-benchmarks/results}"
 official="${OFFICIAL:-.whl/official}"
 [[ -f "$official/train_dreambooth.py" ]] || official=../shared/reference/diffusers-examples
-python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: run the CPU benchmarks instead')"
+[[ -n "${DRY_RUN:-}" ]] || python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: run the CPU benchmarks instead')"
 parts=("$@")
 [[ ${#parts[@]} -gt 0 ]] || parts=(train)
 for part in "${parts[@]}"; do
@@ -57,6 +62,13 @@ for part in "${parts[@]}"; do
         seed) python3 benchmarks/seed_recipe.py --gpu --card-gib 15 --json "$results/seed_recipe-gpu.json" ;;
         class) python3 benchmarks/class_images.py --gpu --json "$results/class_images-gpu.json" ;;
         memory) python3 benchmarks/activation_memory.py --json "$results/activation_memory-gpu.json" ;;
-        *) echo "unknown part '$part': use train, seed, class or memory" >&2; exit 2 ;;
+        rehearsal)
+            if [[ -n "${DRY_RUN:-}" ]]; then
+                python3 .ci/rehearse.py --device cpu --timings-json "$results/rehearsal-dry-run.json" \
+                    notebooks/01_forward_diffusion.ipynb
+            else
+                python3 .ci/rehearse.py --device gpu --full-size --timings-json "$results/rehearsal-gpu.json"
+            fi ;;
+        *) echo "unknown part '$part': use train, seed, class, memory or rehearsal" >&2; exit 2 ;;
     esac
 done

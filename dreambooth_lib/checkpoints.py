@@ -22,7 +22,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from dreambooth_lib.files import check_free_space, copy_atomically, remove, replace, temporary_name
+from dreambooth_lib.files import (
+    check_free_space,
+    copy_atomically,
+    remove,
+    replace,
+    temporary_name,
+    undone_on_error,
+)
 from dreambooth_lib.losslog import write_loss_log
 from dreambooth_lib.runs import RunFolderError
 
@@ -136,12 +143,14 @@ def save_checkpoint(
         if mirror is not None:
             check_free_space(mirror, size, f"the copy of {final.name}")
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
+    with undone_on_error(temporary, final.name):  # a full disk mid-write: no half checkpoint, a NoSpaceError
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (temporary / MARKER).write_text(json.dumps({**run, "step": step}) + "\n")
+            write_loss_log(temporary / "loss.csv", losses)
+            replace(temporary, final)
     if accelerator.is_main_process:
-        (temporary / MARKER).write_text(json.dumps({**run, "step": step}) + "\n")
-        write_loss_log(temporary / "loss.csv", losses)
-        replace(temporary, final)
         prune(folder, run["run_id"], step, keep)
         if mirror is not None:
             copy_atomically(final, Path(mirror) / final.name)

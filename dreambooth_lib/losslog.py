@@ -8,7 +8,6 @@ import csv
 import io
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,14 +94,13 @@ class NonFiniteWatch:
     def failing(self) -> bool:
         return self.streak > 0
 
-    def check(self, row: dict, before_stopping: Callable[[], object] = lambda: None) -> None:
-        """Count the step; raise NonFiniteLossError after calling `before_stopping` (e.g. close a progress bar)."""
+    def check(self, row: dict) -> None:
+        """Count the step; raise NonFiniteLossError once the streak reaches `max_nonfinite_steps`."""
         if math.isfinite(row["loss"]):
             self.streak = 0
             return
         self.streak += 1
         if self.streak >= self.config.max_nonfinite_steps:
-            before_stopping()
             raise NonFiniteLossError(self.message(row))
 
     def message(self, row: dict) -> str:

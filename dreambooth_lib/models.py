@@ -24,7 +24,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from huggingface_hub import try_to_load_from_cache
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel
 
 from dreambooth_lib.assets import data_dir
 from dreambooth_lib.config import TrainConfig
@@ -474,7 +475,9 @@ def load_part(
     Weights loaded in fp16/bf16 come from the folder's `fp16` variant files when it has them (half the download and
     half the memory while loading: SDXL in fp32 would need ~14 GB of RAM, more than a Colab runtime has); weights
     loaded in fp32 come from the full-precision files, so parts that train start from the original numbers.
-    `subfolder=""` loads a standalone model folder or repository (e.g. the fp16-fix VAE).
+    `subfolder=""` loads a standalone model folder or repository (e.g. the fp16-fix VAE). Weights load in
+    `torch_dtype`, float32 when none is given, whatever dtype the part's config.json records. A part whose weights
+    are missing raises a one-line ModelSourceError naming the repository and the files looked for.
     """
     folder, model_class = PARTS[part]
     folder = folder if subfolder is None else subfolder or None
@@ -483,17 +486,46 @@ def load_part(
     def load(**weights):
         return model_class.from_pretrained(path, subfolder=folder, revision=revision, **weights)
 
+    # Always an explicit dtype: given none, transformers 5 loads the dtype a config.json records, and SDXL's text
+    # encoders record float16, which a CPU then multiplies with float32 inputs ("c10::Half != float").
+    torch_dtype = torch_dtype or torch.float32
+    variants = ["fp16", None] if variant is None and torch_dtype in _HALF else [variant]
     try:
         if model_class in (CLIPTokenizer, DDPMScheduler):
             return load()
-        if variant is None and torch_dtype in _HALF:
+        if len(variants) == 2:
             try:
                 return load(use_safetensors=True, torch_dtype=torch_dtype, variant="fp16")
             except OSError:
                 pass  # this folder has no fp16 files: read the full-precision ones and cast them
         return load(use_safetensors=True, torch_dtype=torch_dtype, variant=variant)
     except Exception as error:
-        raise _source_error(f"{source}/{folder}" if folder else source, error) from error
+        looked_for = [_weights_file(model_class, folder, each) for each in variants]
+        if _has_file(path, _in(folder, "config.json"), revision) and not any(
+            _has_file(path, name, revision) for name in looked_for
+        ):
+            raise ModelSourceError(
+                f"{source} has no weights for its {folder or 'model'}: looked for {' and '.join(looked_for)} "
+                "(safetensors only); download them (`huggingface-cli download ID`) or pass a folder that has them."
+            ) from error
+        raise _source_error(_in(folder, source) if folder else source, error) from error
+
+
+def _in(folder: str | None, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def _weights_file(model_class: type, folder: str | None, variant: str | None) -> str:
+    """The safetensors file `from_pretrained` reads: transformers' `model`, diffusers' `diffusion_pytorch_model`."""
+    stem = "model" if issubclass(model_class, PreTrainedModel) else "diffusion_pytorch_model"
+    return _in(folder, f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors")
+
+
+def _has_file(path: str, name: str, revision: str | None) -> bool:
+    """Whether a local folder, or the hub cache's copy of a repository, holds `name` (no network)."""
+    if _looks_like_path(path):
+        return (Path(path) / name).is_file()
+    return isinstance(try_to_load_from_cache(path, name, revision=revision), str)
 
 
 def load_components(

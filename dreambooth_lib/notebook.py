@@ -8,6 +8,7 @@ run on Colab lives on Drive so that it survives a disconnect; nothing here ever 
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+from dreambooth_lib.checkpoints import checkpoint_step, latest_checkpoint
+from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.environment import EnvironmentReport, ModeChoice, default_device, environment_report
+from dreambooth_lib.runs import CHECKPOINTS
 
 DRIVE_MOUNT = Path("/content/drive")
 # Full runs on Colab are kept here, one folder per run, so a reconnected runtime finds and resumes them.
@@ -33,6 +37,29 @@ TINY_RUN_SETTINGS: dict[str, int] = {
     "validation_inference_steps": 2,
 }
 
+# The rehearsal of full mode (.ci/full-rehearsal, benchmarks/gpu.sh rehearsal) against a stand-in hub cache: the
+# full-mode code runs as written, with counts shrunk so every notebook finishes in about a minute. Never set on Colab.
+REHEARSAL_VARIABLE = "DREAMBOOTH_REHEARSAL"
+REHEARSAL_COUNT = 2  # the most steps, images, prompts or sampling steps a rehearsal runs of anything
+REHEARSAL_RUN_SETTINGS: dict[str, int] = {
+    "max_steps": 2,
+    "num_class_images": 2,
+    "class_inference_steps": 2,
+    "num_validation_images": 1,
+    "validation_inference_steps": 2,
+}
+# On a CPU, what only CUDA runs: 8-bit AdamW (bitsandbytes) and fp16 mixed precision.
+REHEARSAL_CPU_SETTINGS: dict[str, object] = {"mixed_precision": "no", "use_8bit_adam": False}
+T4_MEMORY = 15 * 2**30  # a Colab T4's usable memory: the GPU rehearsal caps the process at it
+
+
+def rehearsal_requested() -> str | None:
+    """`cpu` or `gpu` when DREAMBOOTH_REHEARSAL asks for a rehearsal of full mode, else None."""
+    requested = os.environ.get(REHEARSAL_VARIABLE, "").strip().lower()
+    if requested and requested not in ("cpu", "gpu"):
+        raise ValueError(f"{REHEARSAL_VARIABLE}={requested!r}: use cpu or gpu, or unset it (no rehearsal).")
+    return requested or None
+
 
 def on_colab() -> bool:
     """True inside a Colab runtime, which imports `google.colab` before any cell runs."""
@@ -46,6 +73,17 @@ class NotebookSetup:
     report: EnvironmentReport
     device: torch.device
     colab: bool = field(default_factory=on_colab)
+    rehearsal: str | None = None  # "cpu" or "gpu" in a rehearsal of full mode (see REHEARSAL_VARIABLE)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype a notebook loads frozen weights in: fp16 on CUDA, fp32 elsewhere (a CPU computes fp16 slowly or
+        not at all)."""
+        return torch.float16 if self.device.type == "cuda" else torch.float32
+
+    def count(self, value: int) -> int:
+        """A count of steps, images or prompts the notebook names for full mode, shrunk in a rehearsal."""
+        return min(value, REHEARSAL_COUNT) if self.rehearsal else value
 
     @property
     def mode(self) -> ModeChoice:
@@ -82,9 +120,25 @@ class NotebookSetup:
             return {"output_dir": str(COLAB_LOCAL_RUNS / run_dir.relative_to(DRIVE_RUNS)), "mirror_dir": str(run_dir)}
         return {"output_dir": str(run_dir), "mirror_dir": None}
 
-    def run_settings(self) -> dict[str, int]:
-        """Settings that shrink a run to a demonstration in tiny mode; none in full mode."""
-        return dict(TINY_RUN_SETTINGS) if self.tiny else {}
+    def resumed(self, config: TrainConfig) -> TrainConfig:
+        """`config`, with max_steps raised to the step its run already reached when an earlier execution trained it
+        further (notebook 05's "train longer" cell): running the notebook again then resumes the run where it stands,
+        instead of stopping at a checkpoint beyond max_steps. Unchanged unless config resumes ('latest')."""
+        folders = [Path(folder) / CHECKPOINTS for folder in (config.output_dir, config.mirror_dir) if folder]
+        latest = latest_checkpoint(folders) if config.resume_from == "latest" else None
+        if latest is None or checkpoint_step(latest) <= config.max_steps:
+            return config
+        step = checkpoint_step(latest)
+        print(f"this run was trained to step {step} before: max_steps {config.max_steps} -> {step}, to resume there")
+        return config.replace(max_steps=step)
+
+    def run_settings(self) -> dict[str, object]:
+        """Settings that shrink a run to a demonstration in tiny mode; none in full mode (a rehearsal's otherwise)."""
+        if self.tiny:
+            return dict(TINY_RUN_SETTINGS)
+        if self.rehearsal:
+            return {**REHEARSAL_RUN_SETTINGS, **(REHEARSAL_CPU_SETTINGS if self.rehearsal == "cpu" else {})}
+        return {}
 
 
 def mount_drive() -> None:
@@ -100,4 +154,19 @@ def notebook_setup() -> NotebookSetup:
     """Print the mode (tiny or full) and why, the device and the library versions; return them for the notebook."""
     report = environment_report()
     print(report)
-    return NotebookSetup(report=report, device=default_device())
+    setup = NotebookSetup(report=report, device=default_device(), rehearsal=rehearsal_requested())
+    if setup.rehearsal:
+        print(f"rehearsal:    {_start_rehearsal(setup)}")
+    return setup
+
+
+def _start_rehearsal(setup: NotebookSetup) -> str:
+    """Apply what a rehearsal changes on this machine and say what it changed."""
+    changed = f"counts of steps, images and prompts at most {REHEARSAL_COUNT}"
+    if setup.rehearsal == "cpu":
+        return changed + "; fp32 and plain AdamW on the CPU (no fp16, no 8-bit AdamW)"
+    if setup.device.type != "cuda":
+        raise RuntimeError(f"{REHEARSAL_VARIABLE}=gpu needs a CUDA GPU; use {REHEARSAL_VARIABLE}=cpu here.")
+    total = torch.cuda.get_device_properties(setup.device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, T4_MEMORY / total), setup.device)
+    return changed + f"; this process capped at {T4_MEMORY / 2**30:.0f} GiB of GPU memory, as on a T4"

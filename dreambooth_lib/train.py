@@ -47,11 +47,12 @@ Callback = Callable[[int, dict], None]
 
 @dataclass
 class TrainResult:
-    """Where a run wrote its results, and its loss log (rows of loss.csv as dicts)."""
+    """Where a run wrote its results, its loss log (rows of loss.csv as dicts) and the checkpoint it resumed from."""
 
     run_dir: Path
     output: Path  # the pipeline folder (full fine-tune) or the LoRA file
     losses: list[dict[str, float]]
+    resumed_from: Path | None = None  # the checkpoint folder this run started from; None when it started at step 0
 
     @property
     def final_loss(self) -> float:
@@ -76,6 +77,7 @@ class Training:
     weight_dtype: torch.dtype  # of the frozen modules: the mixed-precision dtype, or float32
     run_dir: Path
     start_step: int
+    resumed_from: Path | None  # the checkpoint restored, None for a fresh start
     losses: list[dict]  # loss.csv rows up to start_step (main process only)
     record: runs.RunRecord  # the run's id and fingerprint (run.json)
     mirror: Path | None  # the copy's folder (Colab: on Google Drive)
@@ -181,7 +183,7 @@ def set_up(config: TrainConfig) -> Training:
     losses = read_loss_log(resume / "loss.csv", up_to=start_step) if main and resume else []
     return Training(
         config, accelerator, components, denoiser, trainable, optimizer, lr_scheduler, examples, loader, schedule,
-        prompt_cache, weight_dtype, run_dir, start_step, losses, record, mirror, NonFiniteWatch(config),
+        prompt_cache, weight_dtype, run_dir, start_step, resume, losses, record, mirror, NonFiniteWatch(config),
     )  # fmt: skip
 
 
@@ -368,7 +370,7 @@ def _resume(accelerator: Accelerator, trainable: list[torch.nn.Parameter], resum
         return 0
     accelerator.load_state(str(resume), strict=False)
     _check_fp32(trainable)
-    accelerator.print(f"resumed from {resume} at step {checkpoint_step(resume)}")
+    accelerator.print(f"resumed from {resume.name} ({resume})")
     return checkpoint_step(resume)
 
 
@@ -379,13 +381,22 @@ def _resume(accelerator: Accelerator, trainable: list[torch.nn.Parameter], resum
 def _loop(training: Training, callbacks: Sequence[Callback]) -> None:
     """Train from `start_step` to `max_steps`: per batch noise, loss, backward, and (every accumulation) one optimiser
     step; per optimiser step a loss.csv row, the callbacks, and the checkpoints and validation images due."""
+    config, main = training.config, training.accelerator.is_main_process
+    progress = tqdm(
+        total=config.max_steps, initial=training.start_step, desc="training", disable=not main, dynamic_ncols=True
+    )
+    try:
+        _train_steps(training, callbacks, progress)
+    finally:  # also on an error: a bar left open would be redrawn under the error message
+        progress.close()
+
+
+def _train_steps(training: Training, callbacks: Sequence[Callback], progress: tqdm) -> None:
+    """The optimiser steps from `start_step` to `max_steps` (see `_loop`)."""
     config, accelerator = training.config, training.accelerator
     steps_per_epoch = math.ceil(len(training.loader) / config.gradient_accumulation_steps)
     text_encoder_steps = round(config.text_encoder_fraction * config.max_steps)
     main = accelerator.is_main_process
-    progress = tqdm(
-        total=config.max_steps, initial=training.start_step, desc="training", disable=not main, dynamic_ncols=True
-    )
     step = training.start_step
     training.denoiser.train()
     while step < config.max_steps:
@@ -413,7 +424,7 @@ def _loop(training: Training, callbacks: Sequence[Callback]) -> None:
             row = _loss_row(accelerator, step, parts_sum, micro_batches, training.lr_scheduler.get_last_lr()[0])
             row["skipped"] = int(accelerator.optimizer_step_was_skipped)  # the fp16 scaler found inf/NaN gradients
             parts_sum, micro_batches = None, 0
-            training.watch.check(row, progress.close)  # the same reduced row on every process: all stop together
+            training.watch.check(row)  # the same reduced row on every process: all stop together
             if main:
                 training.losses.append(row)
                 progress.update(1)
@@ -423,7 +434,6 @@ def _loop(training: Training, callbacks: Sequence[Callback]) -> None:
             _checkpoint_and_validate(training, step)
             if step >= config.max_steps:
                 break
-    progress.close()
 
 
 def _batch_loss(training: Training, batch: dict, train_text: bool) -> LossParts:
@@ -554,7 +564,7 @@ def _save(training: Training) -> TrainResult:
         if training.mirror is not None:
             runs.mirror_outputs(run_dir, training.mirror)
     accelerator.end_training()
-    return TrainResult(run_dir=run_dir, output=output, losses=training.losses)
+    return TrainResult(run_dir=run_dir, output=output, losses=training.losses, resumed_from=training.resumed_from)
 
 
 def _save_pipeline(components: Components, folder: Path, device: torch.device) -> None:

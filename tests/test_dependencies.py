@@ -7,8 +7,10 @@ import ast
 import json
 import re
 import sys
-from importlib.metadata import packages_distributions, requires
+from importlib.metadata import packages_distributions
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,8 +26,9 @@ def _normalise(name: str) -> str:
 
 
 def runtime_requirements() -> list[str]:
-    """The installed package's declared requirements, as pip sees them, without the extras' (`dev`, `xformers`)."""
-    return [line for line in requires("dreambooth-course") or [] if "extra ==" not in line]
+    """The runtime requirements pyproject.toml declares now (not the installed metadata, which an edit of
+    pyproject.toml leaves stale until the next install), without the extras (`dev`, `xformers`)."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
 def declared_requirements() -> set[str]:

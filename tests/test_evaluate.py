@@ -184,10 +184,10 @@ def test_calibration_compares_real_images_without_self_pairs(backbones, dogs):
     assert set(PAPER_ROWS["Real Images (paper)"]) == set(result)
 
 
-def test_results_table_json_and_figures_show_our_rows_beside_the_papers(backbones, dogs, teapots, no_lpips, tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
+def test_results_table_json_and_figures_show_our_rows_beside_the_papers(
+    backbones, dogs, teapots, no_lpips, tmp_path, matplotlib_backend
+):
+    matplotlib_backend.use("Agg")
     prompts = {"a sks dog in the jungle": "a dog in the jungle", "a sks dog in the snow": "a dog in the snow"}
     images = dict(zip(prompts, (dogs[:2], dogs[2:4]), strict=True))
     result = evaluate.evaluate_images(backbones, images, prompts, teapots[:3], dogs, name="copies of the photos")

@@ -23,9 +23,20 @@ def watched(monkeypatch):
     park, on_device = Components.park_frozen, Components.on_device
 
     def spy_park(self, **which):
-        parked = park(self, **which)
+        # Which modules parking sends to CPU memory (on a CPU they are there already: the move itself is the proof).
+        moves, real_to = [], torch.nn.Module.to
+
+        def recording_to(module, *args, **kwargs):
+            target = args[0] if args else kwargs.get("device")
+            if isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu":
+                moves.append(module)
+            return real_to(module, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.nn.Module, "to", recording_to)
+            parked = park(self, **which)
         record["parked"] = parked
-        record["devices"] = {module.device.type for module in parked}
+        record["moved_to_cpu"] = [module for module in parked if any(module is moved for moved in moves)]
         for module in parked:  # every submodule: the VAE is used through encode/decode, not its forward
             for part in module.modules():
                 part.register_forward_pre_hook(lambda part, args: record["calls"].append(record["sampling"]))
@@ -84,7 +95,7 @@ def test_loop_never_runs_what_it_parked_and_sampling_brings_it_back(tmp_path, wa
 
     wanted = [signature(getattr(tiny_components(kind), name)) for name in parked]
     assert [signature(module) for module in watched["parked"]] == wanted
-    assert watched["devices"] == {"cpu"}
+    assert watched["moved_to_cpu"] == watched["parked"]
     assert watched["calls"], "sampling never ran the parked modules: did on_device bring them back?"
     assert all(watched["calls"]), "the training loop called a module it had parked"
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(row["loss"])) for row in losses)

@@ -34,14 +34,28 @@ def test_tiny_runs_get_a_fresh_folder_and_never_touch_drive(drive, tmp_path, mon
     assert setup.run_settings()["max_steps"] == notebook.TINY_RUN_SETTINGS["max_steps"]
 
 
-def test_full_runs_on_colab_live_on_drive_and_keep_what_is_there(drive):
-    earlier_run = notebook.DRIVE_RUNS / "05-sd15-dog"
-    earlier_run.mkdir(parents=True)
-    (earlier_run / "checkpoint-200").mkdir()
-    setup = make_setup("full", colab=True)
-    assert setup.run_dir("05-sd15-dog") == earlier_run
-    assert drive == ["mounted"]
-    assert (earlier_run / "checkpoint-200").is_dir()  # found again to resume, never cleared
+def earlier_run(folder: Path) -> dict[str, bytes]:
+    """A run folder as a disconnected runtime left it: a checkpoint with weights, a loss log. Returns its files."""
+    (folder / "checkpoints" / "checkpoint-200").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-200" / "model.safetensors").write_bytes(b"weights of step 200")
+    (folder / "loss.csv").write_text("step,loss\n1,0.1\n")
+    return files_in(folder)
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("colab", [True, False], ids=["colab-drive", "local-outputs"])
+def test_full_runs_find_the_earlier_run_again_and_keep_what_is_there(drive, tmp_path, monkeypatch, colab):
+    monkeypatch.setattr(notebook, "LOCAL_RUNS", tmp_path / "outputs")
+    folder = (notebook.DRIVE_RUNS if colab else notebook.LOCAL_RUNS) / "05-sd15-dog"
+    before = earlier_run(folder)
+    setup = make_setup("full", colab=colab)
+    assert setup.run_dir("05-sd15-dog") == folder
+    setup.training_folders(folder)
+    assert drive == (["mounted"] if colab else [])
+    assert files_in(folder) == before  # found again to resume, never cleared
     assert setup.run_settings() == {}
 
 

@@ -119,11 +119,13 @@ def test_a_second_live_run_is_locked_out_and_a_dead_ones_lock_is_free(tmp_path):
          ".acquire(); print('locked', flush=True); import time; time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(runs.RunLockedError, match=f"pid {holder.pid}"):
-        claim(config)
-    holder.kill()
-    holder.wait()
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(runs.RunLockedError, match=f"pid {holder.pid}"):
+            claim(config)
+    finally:  # also when an assertion failed: no holder outlives the test
+        holder.kill()
+        holder.wait()
     claim(config)
 
 

@@ -1,84 +1,55 @@
-"""The `seed-*` presets are the seed write-up's two training commands, read flag by flag from the write-up itself.
+"""The `seed-*` presets are the seed write-up's two training commands on top of the official scripts' own defaults.
 
-The write-up (../shared/seed/*.txt beside a clean clone) quotes one `accelerate launch` command for
-diffusers' train_dreambooth.py (SD 1.5) and one for train_dreambooth_lora_sdxl.py (SDXL LoRA). A flag the command leaves
-out takes the script's default, so the expectations below are the quoted flags on top of those scripts' defaults.
+The write-up (../shared/seed/*.txt beside a clean clone) quotes one `accelerate launch` command for diffusers'
+train_dreambooth.py (SD 1.5) and one for train_dreambooth_lora_sdxl.py (SDXL LoRA). A flag the command leaves out takes
+the script's default, read here from the script's own `add_argument` calls (../shared/reference/diffusers-examples),
+never typed by hand. Every TrainConfig field is either compared this way or listed with the reason it is not.
 """
 
+import dataclasses
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+from official_scripts import FIELD_FLAGS, SCRIPTS_DIR, SHARED, UNUSED, require_shared, script_settings
 
-from dreambooth_lib.config import PRESETS
+from dreambooth_lib.config import PRESETS, TrainConfig
 
-SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "seed"
+SEED_DIR = SHARED / "seed"
+PRESET_SCRIPTS = {"seed-sd15": "train_dreambooth.py", "seed-sdxl-lora": "train_dreambooth_lora_sdxl.py"}
 
-# What each diffusers script does when a flag is left out (their argparse defaults), in TrainConfig's names.
-SCRIPT_DEFAULTS = {
-    "train_dreambooth.py": {
-        "train_batch_size": 1,
-        "gradient_accumulation_steps": 1,
-        "lr_scheduler": "constant",
-        "lr_warmup_steps": 500,
-        "with_prior_preservation": False,
-        "train_text_encoder": False,
-        "mixed_precision": "no",  # accelerate's default without a config file
-        "use_8bit_adam": False,
-        "gradient_checkpointing": False,
-        "use_lora": False,
-    },
-    "train_dreambooth_lora_sdxl.py": {
-        "train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "lr_scheduler": "constant",
-        "lr_warmup_steps": 500,
-        "with_prior_preservation": False,
-        "train_text_encoder": False,
-        "mixed_precision": "no",
-        "use_8bit_adam": False,
-        "gradient_checkpointing": False,
-        "use_lora": True,  # the script trains LoRA adapters only
-        "lora_rank": 4,
-    },
+# Fields that do not change what is learned, or that the scripts fix in code, with why they are not compared.
+NOT_COMPARED = {
+    "kind": "which model family: implied by the script (SD or SDXL)",
+    "instance_dir": "the user's data",
+    "instance_prompt": "the user's data",
+    "class_dir": "the user's data",
+    "class_prompt": "the user's data",
+    "class_inference_steps": "the scripts' pipelines sample class images with their default steps, not a flag",
+    "class_batch_size": "speed only (--sample_batch_size)",
+    "text_encoder_fraction": "the scripts train the text encoder for the whole run: checked apart (1.0)",
+    "use_lora": "implied by the script: checked apart",
+    "lora_alpha": "the SDXL script sets alpha = rank, which None means here: checked apart",
+    "attention": "the same softmax(QK^T)V whichever kernel (--enable_xformers_memory_efficient_attention)",
+    "output_dir": "where results go",
+    "checkpointing_steps": "bookkeeping",
+    "checkpoints_total_limit": "bookkeeping",
+    "resume_from": "bookkeeping",
+    "overwrite": "bookkeeping",
+    "mirror_dir": "bookkeeping",
+    "max_nonfinite_steps": "a safety stop the scripts lack",
+    "validation_steps": "sampling to look at, not training",
+    "validation_prompts": "sampling to look at, not training",
+    "num_validation_images": "sampling to look at, not training",
+    "validation_inference_steps": "sampling to look at, not training",
+    "guidance_scale": "sampling to look at, not training",
 }
 
-# Flag -> (TrainConfig field, how to read the value). argparse accepts any unambiguous prefix, so the write-up's
-# `--train_text_encode` is `--train_text_encoder`.
-FLAGS = {
-    "--pretrained_model_name_or_path": ("model", str),
-    "--pretrained_vae_model_name_or_path": ("vae", str),
-    "--resolution": ("resolution", int),
-    "--train_batch_size": ("train_batch_size", int),
-    "--gradient_accumulation_steps": ("gradient_accumulation_steps", int),
-    "--learning_rate": ("learning_rate", float),
-    "--lr_scheduler": ("lr_scheduler", str),
-    "--lr_warmup_steps": ("lr_warmup_steps", int),
-    "--max_train_steps": ("max_steps", int),
-    "--seed": ("seed", int),
-    "--mixed_precision": ("mixed_precision", str),
-    "--train_text_encode": ("train_text_encoder", bool),
-    "--train_text_encoder": ("train_text_encoder", bool),
-    "--with_prior_preservation": ("with_prior_preservation", bool),
-    "--gradient_checkpointing": ("gradient_checkpointing", bool),
-    "--use_8bit_adam": ("use_8bit_adam", bool),
-}
-# Flags that name the user's data and output, or choose an attention kernel with the same maths (xformers; PyTorch's
-# scaled-dot-product attention computes the same softmax(QK^T)V and needs no extra package on Colab).
-NOT_RECIPE = {
-    "--instance_data_dir",
-    "--output_dir",
-    "--instance_prompt",
-    "--enable_xformers_memory_efficient_attention",
-}
-# The SD 1.5 weights moved on the hub; the old id in the write-up is gone.
-RENAMED_MODELS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
-
-def _write_up_commands() -> dict[str, list[str]]:
+def write_up_commands() -> dict[str, list[str]]:
     """Each quoted `accelerate launch` command in the write-up, as {script file name: its argument words}."""
-    texts = [path.read_text() for path in sorted(SEED_DIR.glob("*.txt"))]
+    texts = [path.read_text() for path in sorted(require_shared(SEED_DIR).glob("*.txt"))]
     commands = {}
     for block in re.findall(r"```[^\n]*\n(.*?)```", "\n".join(texts), flags=re.DOTALL):
         lines = [line for line in block.splitlines() if not line.lstrip().startswith("#")]
@@ -89,44 +60,43 @@ def _write_up_commands() -> dict[str, list[str]]:
     return commands
 
 
-def _expected_settings(script: str, words: list[str]) -> dict:
-    expected = dict(SCRIPT_DEFAULTS[script])
-    for word in words:
-        flag, has_value, raw = word.partition("=")
-        if flag in NOT_RECIPE:
-            continue
-        assert flag in FLAGS, f"the write-up's {script} command uses {flag}, which this test does not translate"
-        name, read = FLAGS[flag]
-        expected[name] = True if read is bool and not has_value else read(raw)
-    expected["model"] = RENAMED_MODELS.get(expected["model"], expected["model"])
-    return expected
+def expected_settings(script: str, words: list[str]) -> dict[str, object]:
+    """TrainConfig's value of every compared field for the script run with `words`."""
+    return script_settings(require_shared(SCRIPTS_DIR / script), words)
 
 
 @pytest.fixture(scope="module")
 def commands() -> dict[str, list[str]]:
-    if not SEED_DIR.is_dir():
-        pytest.skip(f"the seed write-up is not beside this clone ({SEED_DIR} is absent): nothing to compare with")
-    found = _write_up_commands()
-    assert set(found) == set(SCRIPT_DEFAULTS), f"expected one command per script in {SEED_DIR}, found {sorted(found)}"
+    found = write_up_commands()
+    assert set(found) == set(PRESET_SCRIPTS.values()), f"one command per script expected in {SEED_DIR}: {sorted(found)}"
     return found
 
 
-@pytest.mark.parametrize(
-    ("preset", "script"), [("seed-sd15", "train_dreambooth.py"), ("seed-sdxl-lora", "train_dreambooth_lora_sdxl.py")]
-)
-def test_seed_preset_equals_the_write_up_command(commands, preset, script):
-    expected = _expected_settings(script, commands[script])
-    actual = {name: getattr(PRESETS[preset], name) for name in expected}
-    assert actual == expected
+def test_every_setting_is_compared_or_excused():
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    assert fields == set(FIELD_FLAGS) | set(NOT_COMPARED), "classify each new TrainConfig field here"
+    assert not set(FIELD_FLAGS) & set(NOT_COMPARED)
 
 
-def test_the_write_up_commands_are_the_recipes_the_issue_names(commands):
-    """A cross-check of the parser on the numbers a reader sees in the write-up."""
-    sd15 = _expected_settings("train_dreambooth.py", commands["train_dreambooth.py"])
-    sdxl = _expected_settings("train_dreambooth_lora_sdxl.py", commands["train_dreambooth_lora_sdxl.py"])
+@pytest.mark.parametrize("preset", sorted(PRESET_SCRIPTS))
+def test_seed_preset_equals_the_write_up_command_on_the_scripts_defaults(commands, preset):
+    script = PRESET_SCRIPTS[preset]
+    expected = expected_settings(script, commands[script])
+    if expected["seed"] is None:  # the command leaves the script unseeded: any fixed seed is one of its runs
+        expected["seed"] = PRESETS[preset].seed
+    expected = {field: value for field, value in expected.items() if value != UNUSED}
+    actual = {field: getattr(PRESETS[preset], field) for field in expected}
+    assert {k: v for k, v in actual.items() if expected[k] != v} == {}, {k: expected[k] for k in actual}
+    # The settings the scripts fix in code.
+    config = PRESETS[preset]
+    assert config.use_lora == ("lora" in script) and config.text_encoder_fraction == 1.0 and config.lora_alpha is None
+
+
+def test_the_scripts_defaults_are_read_from_their_argparse(commands):
+    """A cross-check of the reader on values a reader sees in the scripts and the write-up."""
+    sd15 = expected_settings("train_dreambooth.py", commands["train_dreambooth.py"])
+    sdxl = expected_settings("train_dreambooth_lora_sdxl.py", commands["train_dreambooth_lora_sdxl.py"])
     assert (sd15["learning_rate"], sd15["max_steps"], sd15["lr_warmup_steps"]) == (5e-6, 400, 0)
-    assert (sd15["train_batch_size"], sd15["gradient_accumulation_steps"], sd15["resolution"]) == (1, 1, 512)
-    assert sd15["train_text_encoder"] and not sd15["with_prior_preservation"] and sd15["mixed_precision"] == "no"
-    assert (sdxl["learning_rate"], sdxl["max_steps"], sdxl["gradient_accumulation_steps"]) == (1e-4, 500, 4)
-    assert (sdxl["train_batch_size"], sdxl["resolution"], sdxl["seed"], sdxl["mixed_precision"]) == (1, 1024, 0, "fp16")
-    assert sdxl["use_8bit_adam"] and sdxl["gradient_checkpointing"] and sdxl["vae"] == "madebyollin/sdxl-vae-fp16-fix"
+    assert sd15["train_text_encoder"] and not sd15["center_crop"] and sd15["num_class_images"] == 100
+    assert (sdxl["weight_decay"], sdxl["text_encoder_lr"], sdxl["lora_rank"]) == (1e-4, 5e-6, 4)
+    assert sdxl["use_8bit_adam"] and sdxl["vae"] == "madebyollin/sdxl-vae-fp16-fix" and sdxl["seed"] == 0

@@ -89,7 +89,11 @@ def test_subject_distance_and_diversity_are_pixel_distances():
     assert subject_distance(stars, stars) == 0.0 and diversity(stars) > 0.05  # four different photos of one star
 
 
-def test_toy_command_writes_metrics_subject_and_grey_samples(tmp_path, monkeypatch, capsys):
+def images_in(folder) -> list[Image.Image]:
+    return [Image.open(path).copy() for path in sorted(folder.glob("*.png"))]
+
+
+def test_toy_command_writes_metrics_subject_and_grey_samples(tmp_path, monkeypatch, capsys, classifier):
     small = functools.partial(
         ToyExperiment,
         samples_per_digit=2,
@@ -119,6 +123,15 @@ def test_toy_command_writes_metrics_subject_and_grey_samples(tmp_path, monkeypat
     with Image.open(tmp_path / "samples.png") as picture:  # one picture of every model's samples
         assert picture.size == toy_dreambooth.samples_figure(tmp_path, per_prompt=3).size
     assert "digit accuracy" in capsys.readouterr().out
+    # Every number in metrics.json is what its samples on disk give, recomputed here.
+    subject = images_in(tmp_path / "subject")
+    for model, row in metrics["models"].items():
+        samples = tmp_path / "samples" / model
+        digits = {k: images_in(samples / f"digit_{k}") for k in range(10)}
+        assert row["digit_accuracy"] == pytest.approx(digit_accuracy(classifier, digits)), model
+        identifier = images_in(samples / "subject")
+        assert row["subject_distance"] == pytest.approx(subject_distance(identifier, subject)), model
+        assert row["identifier_diversity"] == pytest.approx(diversity(identifier)), model
 
 
 def test_toy_command_refuses_zero_steps_in_one_line(tmp_path, capsys):

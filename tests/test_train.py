@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
+from tiny_runs import DOG, LORA_SETTINGS, ROOT, Steps, assert_same_run, tiny_config
+from transformers import CLIPTextModelWithProjection
 
 from dreambooth_lib import cli, lora, runs
 from dreambooth_lib.checkpoints import checkpoint_step, latest_checkpoint, list_checkpoints, resolve_resume
@@ -28,10 +31,8 @@ from dreambooth_lib.models import build_pipeline, load_run_pipeline, tiny_compon
 from dreambooth_lib.runs import RunError
 from dreambooth_lib.schedule import NoiseSchedule
 from dreambooth_lib.text import encode_prompt
-from dreambooth_lib.train import train
+from dreambooth_lib.train import _make_optimizer, train
 
-ROOT = Path(__file__).resolve().parent.parent
-DOG = ROOT / "data" / "subjects" / "dog"
 SECRET = "hf_THIS_TOKEN_MUST_NEVER_BE_WRITTEN_0123456789"
 
 
@@ -42,21 +43,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
-    settings = dict(
-        instance_dir=str(DOG),
-        output_dir=str(tmp_path / "run"),
-        class_dir=str(tmp_path / "class_images"),
-        num_class_images=2,
-        class_inference_steps=2,
-        max_steps=4,
-        num_validation_images=1,
-        validation_inference_steps=2,
-    )
-    settings.update(overrides)
-    return TrainConfig.preset("tiny-cpu", **settings)
 
 
 def images_differ(first, second) -> float:
@@ -212,8 +198,10 @@ def test_mixed_precision_keeps_trained_weights_fp32_also_after_resume(tmp_path):
     checkpoint = load_file(Path(config.output_dir) / "checkpoints" / "checkpoint-2" / "model.safetensors")
     assert checkpoint and all("lora" in key for key in checkpoint)  # only the trained weights are checkpointed
     assert {tensor.dtype for tensor in checkpoint.values()} == {torch.float32}
-    resumed = train(config.replace(max_steps=3, resume_from="latest"))  # refuses to go on with non-fp32 masters
+    steps = Steps()
+    resumed = train(config.replace(max_steps=3, resume_from="latest"), [steps])  # refuses non-fp32 masters
     assert [row["step"] for row in resumed.losses] == [1, 2, 3]
+    assert steps == [3] and resumed.resumed_from.name == "checkpoint-2"
 
 
 def test_text_encoder_stops_training_after_its_fraction(tmp_path):
@@ -226,9 +214,32 @@ def test_text_encoder_stops_training_after_its_fraction(tmp_path):
     assert any(not torch.equal(p, pipeline.unet.state_dict()[n]) for n, p in base.unet.state_dict().items())
 
 
-def test_optional_features_train(tmp_path):
+def test_optional_features_train(tmp_path, monkeypatch):
     # Prodigy, min-SNR weighting, offset noise, gradient checkpointing, no latent cache (VAE in the loop), SDXL with
-    # cached prompt embeddings (frozen text encoders).
+    # cached prompt embeddings (frozen text encoders): each checked where it acts, not only by a finite loss.
+    import dreambooth_lib.train as train_module
+
+    seen = {"noise_offsets": [], "min_snr": [], "encodes": 0, "text_encodes": 0}
+    real_noise, real_loss, real_optimizer = train_module.sample_noise, train_module.diffusion_loss, _make_optimizer
+
+    def noise(latents, offset):
+        seen["noise_offsets"].append(offset)
+        return real_noise(latents, offset)
+
+    def loss(*args, **kwargs):
+        seen["min_snr"].append(kwargs["min_snr_gamma"])
+        seen["checkpointing"] = seen.get("checkpointing", True) and args[0].unet.is_gradient_checkpointing
+        return real_loss(*args, **kwargs)
+
+    def optimizer(*args):
+        seen["optimizer"] = real_optimizer(*args)
+        return seen["optimizer"]
+
+    monkeypatch.setattr(train_module, "sample_noise", noise)
+    monkeypatch.setattr(train_module, "diffusion_loss", loss)
+    monkeypatch.setattr(train_module, "_make_optimizer", optimizer)
+    steps = Steps()
+    encodes = _count_calls(monkeypatch, AutoencoderKL, "encode")
     config = tiny_config(
         tmp_path,
         kind="sdxl",
@@ -240,10 +251,28 @@ def test_optional_features_train(tmp_path):
         gradient_checkpointing=True,
         cache_latents=False,
         max_steps=2,
+        validation_prompts=[],
     )
-    result = train(config)
+    text_encodes = _count_calls(monkeypatch, CLIPTextModelWithProjection, "forward")
+    result = train(config, [steps, lambda step, row: seen.update({step: (len(encodes), len(text_encodes))})])
     assert all(np.isfinite(row["loss"]) and np.isfinite(row["prior_loss"]) for row in result.losses)
+    assert type(seen["optimizer"]).__name__ == "Prodigy"
+    assert any("p0" in state for state in seen["optimizer"].state.values())  # Prodigy's own state: it stepped
+    assert seen["noise_offsets"] == [0.1, 0.1] and seen["min_snr"] == [5.0, 5.0] and seen["checkpointing"]
+    assert seen[2][0] - seen[1][0] == 1  # the VAE encoded the step's batch: no latent cache
+    assert seen[2][1] == seen[1][1]  # no text-encoder call per step: the prompts' embeddings were cached
     assert (result.output / "text_encoder_2").is_dir()
+
+
+def _count_calls(monkeypatch, owner, name) -> list[str]:
+    calls, original = [], getattr(owner, name)
+
+    def counted(self, *args, **kwargs):
+        calls.append(name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
 
 
 def test_a_run_without_validation_prompts_finishes_without_samples(tmp_path):
@@ -260,7 +289,7 @@ def test_a_run_without_validation_prompts_finishes_without_samples(tmp_path):
 # Resume: interrupted after step k and resumed to N == uninterrupted N steps.
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, capsys):
     import dreambooth_lib.train as train_module
 
     # Linear warm-up and decay, accumulation 2 over 5 images (3 optimiser steps per epoch): step 5 crosses an epoch.
@@ -295,8 +324,13 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     checkpoints = Path(interrupted.output_dir) / "checkpoints"
     (checkpoints / "checkpoint-5.tmp").mkdir()  # a half-written checkpoint from a crash: never picked
     assert latest_checkpoint(checkpoints).name == "checkpoint-4"
-    resumed = train(interrupted.replace(resume_from="latest"))
+    capsys.readouterr()
+    steps = Steps()
+    resumed = train(interrupted.replace(resume_from="latest"), [steps])
 
+    assert steps == [5]  # only the remaining step trained: not a silent restart from step 0
+    assert resumed.resumed_from == checkpoints / "checkpoint-4"
+    assert f"resumed from checkpoint-4 ({checkpoints / 'checkpoint-4'})" in capsys.readouterr().out
     assert [row["step"] for row in resumed.losses] == [1, 2, 3, 4, 5]
     assert [row["lr"] for row in resumed.losses] == pytest.approx([row["lr"] for row in straight.losses])
     assert resumed.losses[-1]["loss"] == pytest.approx(straight.losses[-1]["loss"], rel=1e-4)
@@ -453,15 +487,6 @@ def test_a_live_run_keeps_a_second_one_out(tmp_path, capsys):
     assert f"{config.output_dir} is in use by a live run (pid {os.getpid()}" in line
 
 
-LORA_SETTINGS = dict(
-    use_lora=True,
-    learning_rate=5e-2,
-    with_prior_preservation=False,
-    max_steps=4,
-    checkpointing_steps=2,
-    checkpoints_total_limit=None,
-    validation_prompts=["a photo of sks dog"],
-)
 KILLER = """
 import os, signal, sys
 import dreambooth_lib.train as train_module
@@ -503,21 +528,16 @@ def killed_then_resumed(tmp_path: Path, where: str, at: int, tear_loss_log: bool
         [sys.executable, str(script), str(config_file), where, str(at)], capture_output=True, text=True, env=env
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    if tear_loss_log:  # what an in-place write cut by a crash left (the old crash: float(None), no file named)
-        log = Path(config.output_dir) / "loss.csv"
-        log.write_text(log.read_text()[:-7])
-    return config, train(config.replace(resume_from="latest"))
-
-
-def assert_same_run(resumed, straight) -> None:
-    assert [row["step"] for row in resumed.losses] == [1, 2, 3, 4]
-    assert [row["loss"] for row in resumed.losses] == pytest.approx([row["loss"] for row in straight.losses], rel=1e-4)
-    written = read_loss_log(resumed.run_dir / "loss.csv")
-    assert [row["loss"] for row in written] == pytest.approx([row["loss"] for row in resumed.losses])
-    expected, found = load_file(straight.output), load_file(resumed.output)
-    assert expected.keys() == found.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(found[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    log = Path(config.output_dir) / "loss.csv"
+    if tear_loss_log:  # an in-place write cut by a crash, with a wrong step 1: resuming must not take it
+        lines = log.read_text().splitlines()
+        step, loss, *rest = lines[1].split(",")
+        log.write_text("\n".join([lines[0], ",".join([step, "9.0", *rest]), *lines[2:]])[:-7])
+        assert [row["loss"] for row in read_loss_log(log)] == [9.0]  # what the run folder's log now says
+    steps = Steps()
+    resumed = train(config.replace(resume_from="latest"), [steps])
+    assert steps == [3, 4] and resumed.resumed_from.name == "checkpoint-2"
+    return config, resumed
 
 
 def test_sigkill_right_after_a_checkpoint_then_resume_equals_the_uninterrupted_lora_run(lora_straight, tmp_path):
@@ -543,7 +563,8 @@ def test_pruning_spares_the_new_checkpoint_when_an_older_longer_run_left_later_o
         output_dir=str(folder), mirror_dir=None, max_steps=3, checkpoints_total_limit=1,
         resume_from=str(checkpoints / "checkpoint-2"),
     )  # fmt: skip
-    train(shorter)
+    steps = Steps()
+    assert train(shorter, [steps]).resumed_from == checkpoints / "checkpoint-2" and steps == [3]
     assert [path.name for path in list_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
     current = json.loads((folder / "run.json").read_text())["run_id"]
     assert current != older
@@ -556,11 +577,16 @@ def test_the_mirror_keeps_the_latest_checkpoint_and_results_and_a_new_runtime_re
     assert [path.name for path in list_checkpoints(drive / "checkpoints")] == ["checkpoint-4"]
     for name in ("run.json", "config.json", "loss.csv", "pytorch_lora_weights.safetensors", "README.md"):
         assert (drive / name).is_file(), name
-    assert load_file(drive / "pytorch_lora_weights.safetensors").keys() == load_file(straight.output).keys()
+    mirrored, trained = load_file(drive / "pytorch_lora_weights.safetensors"), load_file(straight.output)
+    assert mirrored.keys() == trained.keys()
+    for name, tensor in trained.items():
+        assert torch.equal(mirrored[name], tensor), name
     # A new Colab runtime: empty local disk, the same Drive folder; train two steps further.
     mirror = shutil.copytree(drive, tmp_path / "drive")
     local = str(tmp_path / "local")
-    result = train(config.replace(output_dir=local, mirror_dir=str(mirror), max_steps=6, resume_from="latest"))
+    steps = Steps()
+    result = train(config.replace(output_dir=local, mirror_dir=str(mirror), max_steps=6, resume_from="latest"), [steps])
+    assert steps == [5, 6] and result.resumed_from == mirror / "checkpoints" / "checkpoint-4"
     assert [row["step"] for row in result.losses] == [1, 2, 3, 4, 5, 6]
     assert [row["loss"] for row in result.losses[:4]] == pytest.approx([row["loss"] for row in straight.losses])
     assert [path.name for path in list_checkpoints(mirror / "checkpoints")] == ["checkpoint-6"]

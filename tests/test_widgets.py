@@ -252,11 +252,10 @@ def test_interactive_figure_redraws_and_keeps_a_static_picture_of_its_defaults()
     assert set(plt.get_fignums()) == open_before, "drawn figures must be closed, or Jupyter shows them a second time"
 
 
-def test_loss_curve_leaves_the_notebook_backend_alone(tmp_path):
-    import matplotlib
-
+def test_loss_curve_leaves_the_notebook_backend_alone(tmp_path, matplotlib_backend):
     from dreambooth_lib.plots import loss_curve
 
+    matplotlib = matplotlib_backend
     matplotlib.use("module://matplotlib_inline.backend_inline")  # what Jupyter uses
     rows = [{"step": step, "loss": 1 / step} for step in range(1, 41)]
     path = loss_curve(rows, tmp_path / "loss.png")
