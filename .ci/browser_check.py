@@ -50,6 +50,7 @@ class Watch:
     of a failing widget callback in its log console, and the kernel sends a callback's failure only as stderr text."""
 
     errors: list[str] = field(default_factory=list)
+    widget_state_asked: bool = False  # the classic widget manager's start-up look at the kernel's widgets answered
 
     def attach(self, page: Page) -> None:
         page.on("console", self._console)
@@ -69,6 +70,9 @@ class Watch:
         else:  # the classic notebook's JSON messages
             message = json.loads(frame)
             kind, content = message.get("msg_type"), message.get("content", {})
+        method = content.get("data", {}).get("method") if kind == "comm_msg" else None
+        if kind == "comm_info_reply" or method == "update_states":
+            self.widget_state_asked = True
         if kind == "error":
             self.errors.append(f"kernel error: {content.get('ename')}: {content.get('evalue')}")
         elif kind == "stream" and content.get("name") == "stderr" and "Traceback" in content.get("text", ""):
@@ -86,6 +90,9 @@ class Watch:
 
 class FrontEnd:
     name = ""
+    # Whether the check goes on past 05's training (the rest of 05, the sliders of 01 and 04): the classic pass stops
+    # there so that both fit the time budget; the drawing of the form under ipywidgets 7 is what it is there for.
+    whole = True
 
     def __init__(self, page: Page, base_url: str, token: str) -> None:
         self.page, self.base_url, self.token = page, base_url.rstrip("/"), token
@@ -163,6 +170,7 @@ class Classic(FrontEnd):
     """The classic notebook (nbclassic) with ipywidgets 7: the widget protocol Colab speaks."""
 
     name = "classic"
+    whole = False
     notebook_selector = "#notebook-container"
     cell_selector = f"{notebook_selector} .cell"
     run_script = """([start, stop]) => {
@@ -182,15 +190,19 @@ class Classic(FrontEnd):
     }"""
 
     def open(self, notebook: str) -> None:
+        self.watch.widget_state_asked = False
         self.page.goto(f"{self.base_url}/nbclassic/notebooks/{notebook}?token={self.token}")
         self.page.wait_for_function(
             "() => window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
             " && Jupyter.notebook.kernel.is_connected() && !Jupyter.notebook.kernel_busy"
-            # The widget extension loads after the kernel: a widget shown before it is left blank.
-            " && Jupyter.notebook.kernel.widget_manager !== undefined && require('notebook/js/outputarea')"
-            ".OutputArea.display_order.includes('application/vnd.jupyter.widget-view+json')",
+            " && Jupyter.notebook.kernel.widget_manager !== undefined",
             timeout=120_000,
         )
+        # On start the ipywidgets 7 manager asks the kernel for the widgets it already has (a comm_info request, as
+        # ipywidgets 7.7.1's kernel closes the newer control comm) and makes a second model for any widget it does
+        # not know yet. A widget shown before that answer came gets such a twin; its first view is then removed and
+        # the output left hidden and empty. So the cells run only after the answer.
+        wait_until(self, lambda: self.watch.widget_state_asked, "the widget manager never asked the kernel", 120)
 
     def close(self) -> None:
         self.page.evaluate("() => Jupyter.notebook.session.delete()")
@@ -365,6 +377,9 @@ def check_training(front: FrontEnd, folder: Path, shots: Path, cells: tuple[int,
     if differ:
         raise CheckFailed(f"{front.name}: the run used other settings than the page showed (page, run): {differ}")
     print(f"   run folder {config_file.parent} written with the page's settings ({RETYPED[0]}={used[RETYPED[0]]})")
+    if not front.whole:
+        front.close()
+        return
     start = time.monotonic()
     front.run(train_at + 1, front.page.locator(front.cell_selector).count())
     print(f"   the rest of 05: {time.monotonic() - start:.0f} s")
@@ -415,7 +430,7 @@ def main() -> int:
             start = time.monotonic()
             check_form(front, args.notebooks, args.shots)
             print(f"   ({time.monotonic() - start:.0f} s)")
-            for notebook in SLIDER_NOTEBOOKS:
+            for notebook in SLIDER_NOTEBOOKS if front.whole else ():
                 start = time.monotonic()
                 check_slider(front, args.notebooks, notebook, args.shots)
                 print(f"   ({time.monotonic() - start:.0f} s)")
