@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import re
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class Watch:
     of a failing widget callback in its log console, and the kernel sends a callback's failure only as stderr text."""
 
     errors: list[str] = field(default_factory=list)
+    classic: bool = False  # which framing the kernel's binary websocket frames use
     widget_state_asked: bool = False  # the classic widget manager's start-up look at the kernel's widgets answered
 
     def attach(self, page: Page) -> None:
@@ -64,7 +66,14 @@ class Watch:
             self.errors.append(f"console error: {text}")
 
     def _kernel_message(self, frame: str | bytes) -> None:
-        if isinstance(frame, bytes):  # JupyterLab's binary kernel protocol
+        if isinstance(frame, bytes) and self.classic:
+            # The classic notebook's binary frames (messages with buffers): a count and offsets as big-endian 32-bit
+            # integers, then the message as JSON and its buffers. (Read as the v1 protocol, the count is huge.)
+            (count,) = struct.unpack_from("!I", frame)
+            offsets = struct.unpack_from(f"!{count}I", frame, 4)
+            message = json.loads(frame[offsets[0] : offsets[1]])
+            kind, content = message.get("msg_type"), message.get("content", {})
+        elif isinstance(frame, bytes):  # JupyterLab's binary kernel protocol
             _channel, parts = deserialize_msg_from_ws_v1(frame)
             kind, content = json.loads(parts[0]).get("msg_type"), json.loads(parts[3])
         else:  # the classic notebook's JSON messages
@@ -96,7 +105,7 @@ class FrontEnd:
 
     def __init__(self, page: Page, base_url: str, token: str) -> None:
         self.page, self.base_url, self.token = page, base_url.rstrip("/"), token
-        self.watch = Watch()
+        self.watch = Watch(classic=self.name == "classic")
         self.watch.attach(page)
 
     def cell(self, index: int):
