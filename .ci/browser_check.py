@@ -157,7 +157,9 @@ class Lab(FrontEnd):
     }"""
 
     def open(self, notebook: str) -> None:
-        self.page.goto(f"{self.base_url}/lab/tree/{notebook}?token={self.token}")
+        # ?reset: a fresh workspace, without the tab of the notebook checked before (its saved widget outputs would
+        # draw as "model not found", their kernel gone).
+        self.page.goto(f"{self.base_url}/lab/tree/{notebook}?reset&token={self.token}")
         # The workspace may bring back the tab of a notebook checked before, current for a moment: wait for this one.
         self.page.wait_for_function(
             """(path) => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
@@ -211,6 +213,10 @@ class Classic(FrontEnd):
         # not know yet. A widget shown before that answer came gets such a twin; its first view is then removed and
         # the output left hidden and empty. So the cells run only after the answer.
         wait_until(self, lambda: self.watch.widget_state_asked, "the widget manager never asked the kernel", 120)
+        # A dialog (say "Notebook validation failed") covers the page and takes the clicks meant for the widgets.
+        dialog = self.page.locator(".modal.in .modal-content")
+        if dialog.count():
+            raise CheckFailed(f"classic: {notebook} opens with a dialog: {' '.join(dialog.first.inner_text().split())}")
 
     def close(self) -> None:
         self.page.evaluate("() => Jupyter.notebook.session.delete()")
