@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import re
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class Watch:
     of a failing widget callback in its log console, and the kernel sends a callback's failure only as stderr text."""
 
     errors: list[str] = field(default_factory=list)
+    classic: bool = False  # which framing the kernel's binary websocket frames use
+    widget_state_asked: bool = False  # the classic widget manager's start-up look at the kernel's widgets answered
 
     def attach(self, page: Page) -> None:
         page.on("console", self._console)
@@ -63,12 +66,22 @@ class Watch:
             self.errors.append(f"console error: {text}")
 
     def _kernel_message(self, frame: str | bytes) -> None:
-        if isinstance(frame, bytes):  # JupyterLab's binary kernel protocol
+        if isinstance(frame, bytes) and self.classic:
+            # The classic notebook's binary frames (messages with buffers): a count and offsets as big-endian 32-bit
+            # integers, then the message as JSON and its buffers. (Read as the v1 protocol, the count is huge.)
+            (count,) = struct.unpack_from("!I", frame)
+            offsets = struct.unpack_from(f"!{count}I", frame, 4)
+            message = json.loads(frame[offsets[0] : offsets[1]])
+            kind, content = message.get("msg_type"), message.get("content", {})
+        elif isinstance(frame, bytes):  # JupyterLab's binary kernel protocol
             _channel, parts = deserialize_msg_from_ws_v1(frame)
             kind, content = json.loads(parts[0]).get("msg_type"), json.loads(parts[3])
         else:  # the classic notebook's JSON messages
             message = json.loads(frame)
             kind, content = message.get("msg_type"), message.get("content", {})
+        method = content.get("data", {}).get("method") if kind == "comm_msg" else None
+        if kind == "comm_info_reply" or method == "update_states":
+            self.widget_state_asked = True
         if kind == "error":
             self.errors.append(f"kernel error: {content.get('ename')}: {content.get('evalue')}")
         elif kind == "stream" and content.get("name") == "stderr" and "Traceback" in content.get("text", ""):
@@ -89,7 +102,7 @@ class FrontEnd:
 
     def __init__(self, page: Page, base_url: str, token: str) -> None:
         self.page, self.base_url, self.token = page, base_url.rstrip("/"), token
-        self.watch = Watch()
+        self.watch = Watch(classic=self.name == "classic")
         self.watch.attach(page)
 
     def cell(self, index: int):
@@ -138,16 +151,21 @@ class Lab(FrontEnd):
         const cells = panel.content.widgets.slice(start, stop).filter(c => c.model.type === 'code');
         const pending = cells.filter(c => c.model.executionCount === null || c.promptNode.textContent.includes('*'))
             .map(c => panel.content.widgets.indexOf(c));
-        const idle = panel.sessionContext.session.kernel.status === 'idle';
+        // Right after a notebook opens its session can be briefly absent: that is not idle yet.
+        const idle = panel.sessionContext.session?.kernel?.status === 'idle';
         return {errors, pending, done: pending.length === 0 && idle};
     }"""
 
     def open(self, notebook: str) -> None:
-        self.page.goto(f"{self.base_url}/lab/tree/{notebook}?token={self.token}")
+        # ?reset: a fresh workspace, without the tab of the notebook checked before (its saved widget outputs would
+        # draw as "model not found", their kernel gone).
+        self.page.goto(f"{self.base_url}/lab/tree/{notebook}?reset&token={self.token}")
+        # The workspace may bring back the tab of a notebook checked before, current for a moment: wait for this one.
         self.page.wait_for_function(
-            """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-                       return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
-                              && w.sessionContext.session.kernel.status === 'idle'; }""",
+            """(path) => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+                       return w && w.context && w.context.path === path && w.sessionContext
+                              && w.sessionContext.session?.kernel?.status === 'idle'; }""",
+            arg=notebook,
             timeout=120_000,
         )
 
@@ -182,14 +200,23 @@ class Classic(FrontEnd):
     }"""
 
     def open(self, notebook: str) -> None:
+        self.watch.widget_state_asked = False
         self.page.goto(f"{self.base_url}/nbclassic/notebooks/{notebook}?token={self.token}")
         self.page.wait_for_function(
             "() => window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
             " && Jupyter.notebook.kernel.is_connected() && !Jupyter.notebook.kernel_busy"
-            # The widget extension loads after the kernel: a widget shown before it is left blank.
             " && Jupyter.notebook.kernel.widget_manager !== undefined",
             timeout=120_000,
         )
+        # On start the ipywidgets 7 manager asks the kernel for the widgets it already has (a comm_info request, as
+        # ipywidgets 7.7.1's kernel closes the newer control comm) and makes a second model for any widget it does
+        # not know yet. A widget shown before that answer came gets such a twin; its first view is then removed and
+        # the output left hidden and empty. So the cells run only after the answer.
+        wait_until(self, lambda: self.watch.widget_state_asked, "the widget manager never asked the kernel", 120)
+        # A dialog (say "Notebook validation failed") covers the page and takes the clicks meant for the widgets.
+        dialog = self.page.locator(".modal.in .modal-content")
+        if dialog.count():
+            raise CheckFailed(f"classic: {notebook} opens with a dialog: {' '.join(dialog.first.inner_text().split())}")
 
     def close(self) -> None:
         self.page.evaluate("() => Jupyter.notebook.session.delete()")
