@@ -16,6 +16,17 @@ import pytest  # noqa: E402
 from dreambooth_lib.models import Components, tiny_components  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine its waits cost seconds per step."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd() -> Components:
     return tiny_components("sd")

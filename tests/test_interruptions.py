@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from tiny_runs import LORA_SETTINGS, Steps, assert_same_run, tiny_config, train_in_subprocess
 
 import dreambooth_lib.train as train_module
@@ -23,13 +22,7 @@ from dreambooth_lib.losslog import read_loss_log
 from dreambooth_lib.priors import class_image_name
 from dreambooth_lib.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 FULL_SETTINGS = {**LORA_SETTINGS, "use_lora": False, "learning_rate": 1e-4}

@@ -36,13 +36,7 @@ from dreambooth_lib.train import _make_optimizer, train
 SECRET = "hf_THIS_TOKEN_MUST_NEVER_BE_WRITTEN_0123456789"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine its waits cost seconds per step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def images_differ(first, second) -> float:
